@@ -1,0 +1,3 @@
+"""msad_jax: Mean-Shifted Contrastive anomaly detection in JAX/Flax."""
+
+__version__ = "0.1.0"

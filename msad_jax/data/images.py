@@ -1,0 +1,129 @@
+"""Host-side image decoding and size normalisation with Pillow.
+
+Every source (TFDS, folders, zip files, arrays) ends in uint8 RGB arrays of one common size. Rules:
+
+- Grayscale, palette, RGBA, CMYK, 16-bit ... become 3-channel RGB (Pillow ``convert('RGB')``; an
+  alpha channel is dropped, as torchvision's ``ImageFolder`` loader does).
+- When the images do not all have the same size, or when ``image_size`` is given, each image is
+  resized so its shorter side is ``image_size`` (Pillow bilinear, antialiased) and center-cropped
+  to ``image_size x image_size``, keeping the aspect ratio. With the ResNet evaluation transform
+  (shorter side 256, center crop 224) an image stored this way at 256 gives the same pixels as
+  the transform applied to the original file. Default when sizes differ: 256.
+- A file that Pillow cannot decode raises ``ValueError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_IMAGE_SIZE = 256
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any Pillow image as uint8 ``[H, W, 3]``."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def fit_square(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
+    """Resizes the shorter side to ``size`` (bilinear) and center-crops to ``size x size``.
+
+    Follows torchvision's ``Resize(size)`` + ``CenterCrop(size)`` geometry (the longer side is
+    ``int(size * long / short)``, the crop starts at ``int(round((long - size) / 2))``).
+
+    Args:
+      image: uint8 ``[H, W, 3]`` array or a Pillow image.
+      size: output side.
+
+    Returns:
+      uint8 ``[size, size, 3]``.
+    """
+    pil = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    if pil.mode != "RGB":
+        pil = pil.convert("RGB")
+    width, height = pil.size
+    if (width, height) == (size, size):
+        return np.asarray(pil, dtype=np.uint8)
+    if height <= width:
+        new_h, new_w = size, int(size * width / height)
+    else:
+        new_h, new_w = int(size * height / width), size
+    if (new_w, new_h) != (width, height):
+        pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decodes encoded image bytes (PNG, JPEG, BMP, ...) to uint8 RGB ``[H, W, 3]``.
+
+    Raises:
+      ValueError: naming ``name`` when Pillow cannot read the bytes.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return to_rgb_array(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(
+            f"Cannot decode image file {name!r} ({type(err).__name__}: {err}); "
+            "remove or replace it."
+        ) from None
+
+
+def default_workers() -> int:
+    """Threads used for decoding: Pillow releases the GIL while decoding."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def decode_all(
+    names: Sequence[str],
+    read: Callable[[str], bytes],
+    *,
+    image_size: int | None = None,
+    num_workers: int | None = None,
+) -> np.ndarray:
+    """Reads and decodes ``names`` with a thread pool into one uint8 ``[N, S, S, 3]`` array.
+
+    Args:
+      names: file names, in output order.
+      read: returns the encoded bytes of a name.
+      image_size: resize every image with :func:`fit_square` to this side; None keeps the
+        native size when all images share it and uses ``DEFAULT_IMAGE_SIZE`` otherwise.
+      num_workers: decoding threads (default :func:`default_workers`).
+
+    Returns:
+      uint8 ``[N, H, W, 3]``.
+    """
+
+    def load(name: str) -> np.ndarray:
+        array = decode_image(read(name), name)
+        return array if image_size is None else fit_square(array, image_size)
+
+    workers = num_workers or default_workers()
+    if workers > 1 and len(names) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            arrays = list(pool.map(load, names))
+    else:
+        arrays = [load(name) for name in names]
+    return stack_images(arrays, image_size)
+
+
+def stack_images(arrays: Sequence[np.ndarray], image_size: int | None = None) -> np.ndarray:
+    """Stacks RGB arrays, resizing them to a common square when sizes differ (see module doc)."""
+    if not arrays:
+        side = image_size or DEFAULT_IMAGE_SIZE
+        return np.zeros((0, side, side, 3), np.uint8)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1 or (image_size is not None and shapes != {(image_size, image_size, 3)}):
+        side = image_size or DEFAULT_IMAGE_SIZE
+        arrays = [fit_square(a, side) for a in arrays]
+    return np.stack(arrays).astype(np.uint8, copy=False)

@@ -1,0 +1,194 @@
+"""Evaluation transforms on device: resize, center crop, normalise (SPEC §6).
+
+The resize reproduces Pillow's resampling (what torchvision's ``Resize`` does on PIL images): each
+output pixel is a normalised, antialiased filter over the source pixels, a triangle (bilinear) or
+Keys cubic with a = -0.5 (bicubic) whose support widens by the downscaling factor. Because the
+filter is separable and the input shape is static, a resize followed by a center crop is two small
+matrix products with constant weight matrices (``[S, H]`` and ``[S, W]``): one pass, no dynamic
+shapes, MXU/tensor-core friendly. The same weight construction, evaluated with traced crop boxes,
+is the crop-and-resize of the training augmentation (``msad_jax.data.augment``).
+
+Differences from torchvision/PIL: PIL works in 8-bit fixed point and rounds to uint8 after each of
+its two passes; here everything is float32 and nothing is rounded, so outputs differ by up to one
+grey level (measured in ``tests/data/test_data_transforms.py``). Bicubic only: Pillow picks the
+order of its two passes itself, this code always resamples the width first; the order decides
+which overshoots are clipped in between, so when one axis shrinks and the other grows (e.g.
+300x211 -> 224x224) a few pixels at strong edges can differ by up to ~4 grey levels. Upscaling
+both axes (CIFAR to 224, the ResNet-18 recipe) matches within ~1.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+METHODS = ("bilinear", "bicubic")
+_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
+_CUBIC_A = -0.5  # Pillow's bicubic coefficient.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone wants its input images.
+
+    Attributes:
+      resize: shorter side after resizing when ``crop`` is set; both sides (square) when ``crop``
+        is None.
+      crop: side of the center crop, or None for no crop.
+      method: 'bilinear' or 'bicubic' (Pillow semantics, antialiased when shrinking).
+      mean: per-channel mean in [0, 1] units, subtracted after scaling to [0, 1].
+      std: per-channel standard deviation in [0, 1] units.
+    """
+
+    resize: int
+    crop: int | None
+    method: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Preprocessing.method={self.method!r}: use one of {METHODS}.")
+        if self.resize < 1:
+            raise ValueError(f"Preprocessing.resize={self.resize} must be a positive integer.")
+        if self.crop is not None and not 1 <= self.crop <= self.resize:
+            raise ValueError(
+                f"Preprocessing.crop={self.crop} must lie in [1, resize={self.resize}] or be None."
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("Preprocessing.mean/std must be 3 numbers each, std > 0.")
+
+    @property
+    def size(self) -> int:
+        """Side of the (square) output image."""
+        return self.crop if self.crop is not None else self.resize
+
+
+def _filter(x: np.ndarray | jax.Array, method: str, xp) -> np.ndarray | jax.Array:
+    """Pillow's resampling filters evaluated at distances ``x`` (in filter units)."""
+    ax = xp.abs(x)
+    if method == "bilinear":
+        return xp.maximum(1.0 - ax, 0.0)
+    a = _CUBIC_A
+    near = ((a + 2.0) * ax - (a + 3.0)) * ax * ax + 1.0
+    far = ((a * ax - 5.0 * a) * ax + 8.0 * a) * ax - 4.0 * a
+    return xp.where(ax < 1.0, near, xp.where(ax < 2.0, far, 0.0))
+
+
+def resample_weights(start, length, in_size: int, out_size: int, method: str, xp):
+    """Weights ``[out_size, in_size]`` resizing source pixels [start, start+length) to out_size.
+
+    Pillow's algorithm: output pixel ``o`` has center ``(o + 0.5) * scale`` in crop coordinates
+    (``scale = length / out_size``); the filter is stretched by ``max(scale, 1)``; only source
+    pixels of the window ``[int(center - support + 0.5), int(center + support + 0.5))`` clipped
+    to the crop contribute; weights are normalised to sum to one. ``start``/``length`` may be
+    traced (``xp = jnp``) or Python numbers (``xp = np``).
+    """
+    scale = length / out_size
+    fscale = xp.maximum(scale, 1.0)
+    support = _SUPPORT[method] * fscale
+    center = (xp.arange(out_size, dtype=xp.float32)[:, None] + 0.5) * scale  # [out, 1]
+    k = xp.arange(in_size, dtype=xp.float32)[None, :] - start  # [1, in], crop coordinates
+    lo = xp.maximum(xp.trunc(center - support + 0.5), 0.0)
+    hi = xp.minimum(xp.trunc(center + support + 0.5), length)
+    inside = (k >= lo) & (k < hi)
+    w = xp.where(inside, _filter((k + 0.5 - center) / fscale, method, xp), 0.0)
+    return w / xp.sum(w, axis=1, keepdims=True)
+
+
+def resize_crop_weights(
+    in_size: int, resized: int, crop_start: int, out_size: int, method: str
+) -> np.ndarray:
+    """Constant weights ``[out_size, in_size]``: resize one axis to ``resized``, keep a window.
+
+    Args:
+      in_size: source length along the axis.
+      resized: length after resizing.
+      crop_start: first resized pixel kept.
+      out_size: number of resized pixels kept.
+      method: 'bilinear' or 'bicubic'.
+
+    Returns:
+      float32 weights; row ``o`` produces resized pixel ``crop_start + o``.
+    """
+    full = resample_weights(0.0, float(in_size), in_size, resized, method, np)
+    return full[crop_start : crop_start + out_size].astype(np.float32)
+
+
+def eval_geometry(height: int, width: int, prep: Preprocessing) -> tuple[int, int, int, int]:
+    """Geometry of torchvision's Resize + CenterCrop: ``(resized_h, resized_w, top, left)``.
+
+    ``Resize(int)`` scales the shorter side to ``prep.resize`` and truncates the longer one to
+    ``int(resize * long / short)``; ``CenterCrop`` starts at ``int(round((resized - crop) / 2))``.
+    """
+    if prep.crop is None:
+        return prep.resize, prep.resize, 0, 0
+    if height <= width:
+        new_h, new_w = prep.resize, int(prep.resize * width / height)
+    else:
+        new_h, new_w = int(prep.resize * height / width), prep.resize
+    top = int(round((new_h - prep.crop) / 2.0))
+    left = int(round((new_w - prep.crop) / 2.0))
+    return new_h, new_w, top, left
+
+
+def normalize(images01: jax.Array, prep: Preprocessing) -> jax.Array:
+    """``(x - mean) / std`` per channel for images in [0, 1] (channels last)."""
+    mean = jnp.asarray(prep.mean, jnp.float32)
+    std = jnp.asarray(prep.std, jnp.float32)
+    return (images01 - mean) / std
+
+
+def separable_resample(
+    images: jax.Array, wy: jax.Array, wx: jax.Array, *, channels_first: bool = False
+) -> jax.Array:
+    """Resamples ``[..., H, W, C]`` pixel values (0..255) to ``[..., P, Q, C]``.
+
+    Like Pillow: the width pass (``wx``, ``[Q, W]``) runs first and its result is clipped to
+    [0, 255] (Pillow stores it as uint8), then the height pass (``wy``, ``[P, H]``), clipped again.
+    The clips only matter for bicubic, whose negative lobes overshoot. With ``channels_first`` the
+    result is ``[..., C, P, Q]`` instead.
+    """
+    x = jnp.einsum("qw,...hwc->...chq", wx, images, precision=_PRECISION)
+    x = jnp.clip(x, 0.0, 255.0)
+    out = "...cpq" if channels_first else "...pqc"
+    x = jnp.einsum(f"ph,...chq->{out}", wy, x, precision=_PRECISION)
+    return jnp.clip(x, 0.0, 255.0)
+
+
+def eval_transform(images: jax.Array | np.ndarray, prep: Preprocessing) -> jax.Array:
+    """Evaluation transform of SPEC §6 on a batch: resize, center crop, scale, normalise.
+
+    Args:
+      images: uint8 ``[b, H, W, 3]`` (or ``[H, W, 3]``); H and W static.
+      prep: the backbone's preprocessing.
+
+    Returns:
+      float32 ``[b, S, S, 3]`` with ``S = prep.size``. Jittable (``prep`` is static).
+    """
+    images = jnp.asarray(images)
+    if images.ndim not in (3, 4) or images.shape[-1] != 3:
+        raise ValueError(f"eval_transform expects [b, H, W, 3] images, got shape {images.shape}.")
+    height, width = images.shape[-3], images.shape[-2]
+    new_h, new_w, top, left = eval_geometry(height, width, prep)
+    wy = resize_crop_weights(height, new_h, top, prep.size, prep.method)
+    wx = resize_crop_weights(width, new_w, left, prep.size, prep.method)
+    x = separable_resample(images.astype(jnp.float32), jnp.asarray(wy), jnp.asarray(wx))
+    return normalize(x / 255.0, prep)
+
+
+def make_preprocess_fn(prep: Preprocessing) -> Callable[[jax.Array], jax.Array]:
+    """Returns ``images_uint8 -> float32 [b, S, S, 3]`` (not jitted; jit/pmap the caller)."""
+
+    def preprocess(images: jax.Array) -> jax.Array:
+        return eval_transform(images, prep)
+
+    return preprocess

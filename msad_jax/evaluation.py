@@ -1,0 +1,151 @@
+"""Evaluation of a model on a one-class problem: features, kNN scores and metrics (SPEC §7).
+
+The gallery is phi of all normal training images (evaluation transform, no augmentation); a test
+image's anomaly score is the sum of squared distances from its phi to the ``k`` nearest gallery
+rows; ROC-AUC (label 1 = anomaly) is computed on the raw scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from msad_jax import knn, metrics
+from msad_jax.data.pipeline import eval_batches
+from msad_jax.data.protocols import OneClassData
+from msad_jax.features import FeatureFn, extract_features, extract_features_and_center
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """Scores and metrics of one evaluation.
+
+    Attributes:
+      gallery: phi of the normal training images ``[N, D]``.
+      scores: anomaly scores of the test images ``[M]``.
+      labels: test labels ``[M]`` (1 = anomaly).
+      metrics: ``auroc``, ``average_precision`` and ``fpr_at_95_tpr``.
+      center: mean of the gallery (``[D]``; unit-norm when requested), or None.
+    """
+
+    gallery: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    metrics: dict[str, float]
+    center: np.ndarray | None = None
+
+
+def score_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """ROC-AUC, average precision and FPR at 95% TPR of raw scores."""
+    return {
+        "auroc": metrics.roc_auc(labels, scores),
+        "average_precision": metrics.average_precision(labels, scores),
+        "fpr_at_95_tpr": metrics.fpr_at_tpr(labels, scores, 0.95),
+    }
+
+
+def batch_size_for_devices(batch_size: int, num_devices: int) -> int:
+    """Rounds a global evaluation batch up to a multiple of the device count."""
+    return -(-batch_size // num_devices) * num_devices
+
+
+def features_of(
+    extractor: FeatureFn, variables: PyTree, images: np.ndarray, *, batch_size: int
+) -> np.ndarray:
+    """phi of ``images`` (uint8 ``[N, H, W, 3]``) with replicated ``variables``."""
+    devices = jax.local_device_count()
+    batches = eval_batches(
+        images,
+        global_batch_size=batch_size_for_devices(batch_size, devices),
+        num_devices=devices,
+    )
+    return extract_features(extractor, variables, batches)
+
+
+def gallery_and_center(
+    extractor: FeatureFn,
+    variables: PyTree,
+    images: np.ndarray,
+    *,
+    batch_size: int,
+    normalize_center: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery features and their center (SPEC §3) in one pass over the training images."""
+    devices = jax.local_device_count()
+    batches = eval_batches(
+        images,
+        global_batch_size=batch_size_for_devices(batch_size, devices),
+        num_devices=devices,
+    )
+    return extract_features_and_center(extractor, variables, batches, normalize=normalize_center)
+
+
+def leave_one_out_scores(
+    gallery: np.ndarray, k: int, *, memory_budget_bytes: int = knn.DEFAULT_MEMORY_BUDGET_BYTES
+) -> np.ndarray:
+    """kNN scores of the gallery's own rows, each against the others (for thresholds).
+
+    Each row's nearest neighbour in the full gallery is itself (distance 0), so the ``k + 1``
+    nearest are found and the smallest is dropped.
+    """
+    if len(gallery) <= k:
+        raise ValueError(f"Need more than k={k} training images for leave-one-out scores.")
+    distances = knn.knn_distances(gallery, gallery, k + 1, memory_budget_bytes=memory_budget_bytes)
+    distances = np.sort(np.asarray(distances), axis=1)
+    return distances[:, 1:].sum(axis=1)
+
+
+def evaluate(
+    extractor: FeatureFn,
+    variables: PyTree,
+    data: OneClassData,
+    *,
+    k: int = 2,
+    batch_size: int = 256,
+    memory_budget_bytes: int = knn.DEFAULT_MEMORY_BUDGET_BYTES,
+    center: bool = False,
+    normalize_center: bool = False,
+) -> Evaluation:
+    """Scores the test images of ``data`` against its training images.
+
+    Args:
+      extractor: pmapped feature function (:func:`msad_jax.features.make_feature_extractor`).
+      variables: replicated model variables.
+      data: the one-class problem.
+      k: number of neighbours.
+      batch_size: global feature-extraction batch.
+      memory_budget_bytes: kNN working-memory bound.
+      center: also return the gallery's center.
+      normalize_center: re-normalise that center (the angular term is on).
+
+    Returns:
+      The :class:`Evaluation`.
+    """
+    if center:
+        gallery, mean = gallery_and_center(
+            extractor,
+            variables,
+            data.train_images,
+            batch_size=batch_size,
+            normalize_center=normalize_center,
+        )
+    else:
+        gallery = features_of(extractor, variables, data.train_images, batch_size=batch_size)
+        mean = None
+    test = features_of(extractor, variables, data.test_images, batch_size=batch_size)
+    scores = np.asarray(
+        knn.knn_scores(gallery, test, k, memory_budget_bytes=memory_budget_bytes), np.float64
+    )
+    labels = np.asarray(data.test_labels)
+    return Evaluation(
+        gallery=gallery,
+        scores=scores,
+        labels=labels,
+        metrics=score_metrics(labels, scores),
+        center=mean,
+    )

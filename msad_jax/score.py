@@ -1,0 +1,61 @@
+"""Command line: score images with a trained run.
+
+``python -m msad_jax.score --workdir DIR PATH [PATH ...]`` prints, per image, its anomaly score and
+its label (``anomalous`` when the score exceeds the run's threshold, else ``normal``), tab
+separated. A PATH that is a folder stands for the image files inside it (recursively).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from msad_jax.data.folders import IMAGE_EXTENSIONS, natural_key
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a finished training run.")
+flags.mark_flag_as_required("workdir")
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Image files named by ``paths`` (folders are searched recursively, in natural order)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = [
+                os.path.join(root, name)
+                for root, _, names in os.walk(path)
+                for name in names
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            ]
+            files.extend(sorted(found, key=natural_key))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No such image file or folder: {path}.")
+    if not files:
+        raise FileNotFoundError(f"No image files found in {' '.join(paths)}.")
+    return files
+
+
+def main(argv: list[str]) -> None:
+    """Scores the images named on the command line."""
+    from msad_jax.detector import Detector
+    from msad_jax.errors import user_errors
+
+    logging.set_verbosity(logging.WARNING)
+    if len(argv) < 2:
+        raise app.UsageError("Give at least one image file or folder to score.")
+    with user_errors():
+        files = expand_paths(argv[1:])
+        detector = Detector.load(_WORKDIR.value)
+        scores = detector.score(files)
+    for path, score in zip(files, scores, strict=True):
+        label = "anomalous" if score > detector.threshold else "normal"
+        print(f"{path}\t{score:.6f}\t{label}")
+    print(f"threshold {detector.threshold:.6f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)
