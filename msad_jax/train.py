@@ -257,7 +257,7 @@ class _Run:
     config: ml_collections.ConfigDict
     workdir: str
     data: protocols.OneClassData
-    spec: BackboneSpec
+    model: Any
     extractor: Any
     step_fn: Any
     steps_per_epoch: int
@@ -494,7 +494,7 @@ def train_one_class(
         config=config,
         workdir=workdir,
         data=data,
-        spec=spec,
+        model=model,
         extractor=make_feature_extractor(model, transforms.make_preprocess_fn(prep)),
         step_fn=pmap_train_step(step),
         steps_per_epoch=steps_per_epoch,
@@ -532,9 +532,7 @@ def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[
         "opt_state": fresh.opt_state,
         "step": np.zeros((), np.int32),
         "rng": np.asarray(jax.random.key_data(fresh.rng)),
-        "center": np.zeros((run.spec.make().feature_dim,), np.float32)
-        if hasattr(run.spec.make(), "feature_dim")
-        else None,
+        "center": np.zeros((run.model.feature_dim,), np.float32),
     }
     latest = run.checkpoints.latest_step()
     if latest is not None:
