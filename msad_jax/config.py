@@ -38,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.manual_dir = ""  # TFDS manual download directory ('' = <data_dir>/downloads/manual)
     c.download = True  # let TFDS prepare a missing dataset (needs TensorFlow and the internet)
     c.image_size = 0  # resize stored images to this square side (0 = native / folder default)
+    c.train_images = 0  # use a seeded subset of this many training images (0 = all; not SPEC)
+    c.test_images = 0  # use a seeded, class-stratified subset of test images (0 = all; not SPEC)
     c.synthetic_size = 32  # 'synthetic' only: image side
     c.synthetic_train = 200  # 'synthetic' only: training images per class
     c.synthetic_test = 40  # 'synthetic' only: test images per class
@@ -145,6 +147,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         "checkpoint_every_steps",
         "image_size",
         "resize",
+        "train_images",
+        "test_images",
         allow_zero=True,
     )
     if not 0.0 < config.threshold_quantile < 1.0:

@@ -41,7 +41,7 @@ import tqdm
 from msad_jax import evaluation, plots, reporting
 from msad_jax.checkpointing import CheckpointError, RunCheckpoints
 from msad_jax.config import ConfigError, validate_config
-from msad_jax.data import augment, pipeline, protocols, synthetic, transforms
+from msad_jax.data import augment, pipeline, protocols, subsets, synthetic, transforms
 from msad_jax.features import make_feature_extractor
 from msad_jax.metric_writer import MetricWriter
 from msad_jax.models import (
@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 RESUME_KEYS = (
     "dataset",
     "normal_class",
+    "train_images",
+    "test_images",
     "backbone",
     "pretrained",
     "frozen",
@@ -150,7 +152,7 @@ def normal_classes(config: ml_collections.ConfigDict) -> list[int]:
 
 
 def load_data(config: ml_collections.ConfigDict, normal_class: int) -> protocols.OneClassData:
-    """The one-class problem of ``normal_class`` from the configured source."""
+    """The one-class problem of ``normal_class`` from the configured source (and subset)."""
     if config.dataset == "synthetic":
         arrays = synthetic.synthetic_arrays(
             size=config.synthetic_size,
@@ -158,15 +160,19 @@ def load_data(config: ml_collections.ConfigDict, normal_class: int) -> protocols
             test_per_class=config.synthetic_test,
             seed=config.seed,
         )
-        return protocols.load_one_class("arrays", normal_class, arrays=arrays)
-    return protocols.load_one_class(
-        config.dataset,
-        normal_class,
-        data_dir=config.data_dir or None,
-        path=config.data_dir or None,
-        image_size=config.image_size or None,
-        download=config.download,
-        manual_dir=config.manual_dir or None,
+        data = protocols.load_one_class("arrays", normal_class, arrays=arrays)
+    else:
+        data = protocols.load_one_class(
+            config.dataset,
+            normal_class,
+            data_dir=config.data_dir or None,
+            path=config.data_dir or None,
+            image_size=config.image_size or None,
+            download=config.download,
+            manual_dir=config.manual_dir or None,
+        )
+    return subsets.subsample(
+        data, train_images=config.train_images, test_images=config.test_images, seed=config.seed
     )
 
 

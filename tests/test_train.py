@@ -115,3 +115,9 @@ def test_resuming_with_a_different_recipe_is_refused(tmp_path):
     train.train_and_evaluate(smoke_config(max_steps=1), str(tmp_path))
     with pytest.raises(train.CheckpointError, match="different config .*learning_rate"):
         train.train_and_evaluate(smoke_config(max_steps=1, learning_rate=0.5), str(tmp_path))
+
+
+def test_subset_keys_reduce_the_problem():
+    data = train.load_data(smoke_config(train_images=20, test_images=30), 0)
+    assert len(data.train_images) == 20 and len(data.test_images) == 30
+    assert data.counts()["test_normal"] == 3  # 8 of 80 test images are normal: 10% of 30
