@@ -1,31 +1,36 @@
-"""Plots of a run: ROC curve, score histograms, and loss / ROC-AUC per epoch (matplotlib, Agg)."""
+"""Plots of a run: ROC curve, score histograms, and loss / ROC-AUC per epoch (PNG files).
+
+Figures are built with :class:`matplotlib.figure.Figure` directly, not pyplot, so writing them
+neither needs a display nor changes the plotting backend of a notebook that imports this module.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 -- the backend must be chosen first.
-import numpy as np  # noqa: E402
-
-from msad_jax import metrics  # noqa: E402
+from msad_jax import metrics
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> str:
+def _save(fig: Figure, path: str | os.PathLike) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return os.fspath(path)
+
+
+def _axes(figsize: tuple[float, float], columns: int = 1):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, columns)
 
 
 def plot_roc(labels: np.ndarray, scores: np.ndarray, path: str | os.PathLike, title: str) -> str:
     """ROC curve of raw scores (label 1 = anomaly) with its AUC in the legend."""
     fpr, tpr, _ = metrics.roc_curve(labels, scores)
     auc = metrics.roc_auc(labels, scores)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = _axes((4.5, 4.5))
     ax.plot(fpr, tpr, label=f"ROC-AUC {100 * auc:.2f}%")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
@@ -44,7 +49,7 @@ def plot_score_histograms(
     labels = np.asarray(labels)
     scores = np.asarray(scores)
     bins = np.histogram_bin_edges(scores, bins=50)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _axes((6, 4))
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, density=True, label="normal")
     ax.hist(scores[labels == 1], bins=bins, alpha=0.6, density=True, label="anomalous")
     if threshold is not None:
@@ -63,7 +68,7 @@ def plot_training_curves(
     title: str,
 ) -> str:
     """Mean training loss per epoch and ROC-AUC per evaluated epoch (0 = pretrained)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (left, right) = _axes((9, 3.6), columns=2)
     left.plot(loss_epochs, loss, marker="o")
     left.set(xlabel="epoch", ylabel="mean training loss", title="loss")
     right.plot(epochs, 100 * np.asarray(auroc, dtype=float), marker="o", color="C1")

@@ -137,19 +137,22 @@ def published_results(
 ) -> tuple[PublishedResult, ...]:
     """Published means for ``dataset`` (in the order of ``methods``; all methods if None).
 
-    Raises:
-      ValueError: for an unknown dataset key.
+    Datasets without published numbers (your own folders, synthetic data) give no entries.
     """
-    _check_dataset(dataset)
-    entries = PUBLISHED[dataset]
+    entries = PUBLISHED.get(dataset, ())
     if methods is None:
         return entries
     return tuple(e for m in methods for e in entries if e.method == m)
 
 
 def _check_dataset(dataset: str) -> None:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; use one of {sorted(DATASETS)}")
+    if not dataset or not dataset.strip():
+        raise ValueError("dataset name is empty; pass e.g. 'cifar10' or the name of your data")
+
+
+def display_name(dataset: str) -> str:
+    """Display name of a dataset key (the key itself for datasets without published numbers)."""
+    return DATASETS.get(dataset, dataset)
 
 
 def _check_fraction(value: float, what: str) -> None:
@@ -196,8 +199,8 @@ def _pct(value: float, decimals: int) -> str:
 
 
 def _ours_note(dataset: str, n_classes: int) -> str:
-    expected = NUM_CLASSES[dataset]
-    if n_classes == expected:
+    expected = NUM_CLASSES.get(dataset)
+    if expected is None or n_classes == expected:
         return f"mean of {n_classes} classes"
     return f"partial: mean of {n_classes} of {expected} classes, not comparable"
 
@@ -218,7 +221,7 @@ def markdown_report(
     """Markdown report: per-class table with a mean row, per-epoch AUROC, and published means.
 
     Args:
-      dataset: dataset key (see :data:`DATASETS`).
+      dataset: dataset key (see :data:`DATASETS`; others are shown without published numbers).
       results: one :class:`ClassResult` per class.
       method: label of our row in the comparison table.
       backbone: our backbone, shown in the comparison table.
@@ -233,7 +236,7 @@ def markdown_report(
     """
     _check_dataset(dataset)
     ordered, metric_names, epochs = _validated(results)
-    lines = [f"## {DATASETS[dataset]}: one-class results (%)", ""]
+    lines = [f"## {display_name(dataset)}: one-class results (%)", ""]
 
     header = ["class", "name", "ROC-AUC", *metric_names]
     lines += [_md_row(header), _md_row(["---:", "---", *["---:"] * (len(header) - 2)])]

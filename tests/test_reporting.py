@@ -123,7 +123,7 @@ def test_write_report(tmp_path):
 @pytest.mark.parametrize(
     ("dataset", "results", "match"),
     [
-        ("imagenet", [ClassResult(0, "a", 0.9)], "unknown dataset"),
+        ("", [ClassResult(0, "a", 0.9)], "dataset name is empty"),
         ("cifar10", [], "no class results"),
         ("cifar10", [ClassResult(0, "a", 0.9), ClassResult(0, "b", 0.8)], "duplicate"),
         ("cifar10", [ClassResult(0, "a", 90.0)], "fraction"),
@@ -143,3 +143,14 @@ def test_write_report(tmp_path):
 def test_bad_input_raises(dataset, results, match):
     with pytest.raises(ValueError, match=match):
         reporting.markdown_report(dataset, results)
+
+
+def test_datasets_without_published_numbers_get_our_table_only():
+    results = [ClassResult(0, "bottle", 0.9), ClassResult(1, "cable", 0.8)]
+    text = reporting.markdown_report("my_folder", results)
+    assert text.startswith("## my_folder: one-class results")
+    assert "| 0 | bottle | 90.0 |" in text and "mean of 2 classes" in text
+    assert "PANDA" not in text and "DN2" not in text
+    rows = reporting.csv_report("my_folder", results).splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["class", "class", "mean"]
+    assert reporting.published_results("my_folder") == ()
