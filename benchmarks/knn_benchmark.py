@@ -6,8 +6,10 @@ nearest gallery rows (exact). Data: random unit-norm float32 rows (like the phi 
 Timing: one fresh subprocess per (gallery, queries, dim). Each method is called once to warm up
 (for JAX this includes compilation; reported as "first call"), then ``--repeats`` rounds call every
 method once per round, in a rotating order (alternating runs), and the median wall time is
-reported. Every call starts from NumPy arrays and ends with a NumPy array of scores, so transfer,
-index building (faiss ``add``, sklearn ``fit``) and the final sum are included for everyone.
+reported, with the ratio of median process CPU times (all threads) as a second view that is less
+sensitive to other jobs on a shared machine. Every call starts from NumPy arrays and ends with a
+NumPy array of scores, so transfer, index building (faiss ``add``, sklearn ``fit``) and the final
+sum are included for everyone.
 
 Peak memory: one fresh subprocess per (size, method), run with ``MALLOC_MMAP_THRESHOLD_=131072``
 (glibc then maps every allocation of 128 KiB or more separately and unmaps it on free, so a warm
@@ -105,17 +107,21 @@ def worker_time(args) -> dict:
         results[m] = run(gallery, queries)
         first[m] = time.perf_counter() - t
     times = {m: [] for m in runners}
+    cpu_times = {m: [] for m in runners}
     names = list(runners)
     for r in range(args.repeats):
         for m in names[r % len(names) :] + names[: r % len(names)]:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             runners[m](gallery, queries)
             times[m].append(time.perf_counter() - t)
+            cpu_times[m].append(time.process_time() - c)
     ref = results.get("faiss", next(iter(results.values())))
     return {
         "first_s": first,
         "times_s": times,
         "median_s": {m: statistics.median(v) for m, v in times.items()},
+        "cpu_times_s": cpu_times,
+        "median_cpu_s": {m: statistics.median(v) for m, v in cpu_times.items()},
         "max_abs_diff_vs_faiss": {m: float(np.max(np.abs(v - ref))) for m, v in results.items()},
     }
 
@@ -231,11 +237,12 @@ def main() -> None:
         "",
     ]
     header = (
-        "| gallery | queries | dim | jax s | faiss s | sklearn s | jax/faiss | jax first call s "
+        "| gallery | queries | dim | jax s | faiss s | sklearn s | jax/faiss | jax/faiss CPU time "
+        "| jax first call s "
         "| peak extra MiB jax (first / warm / device inputs) | jax plan MiB | faiss | sklearn "
         "| max abs diff vs faiss (jax / sklearn) |"
     )
-    table = [header, "|" + "---:|" * 13]
+    table = [header, "|" + "---:|" * 14]
     raw = []
     for dim in args.dims:
         for gallery in args.gallery:
@@ -270,7 +277,10 @@ def main() -> None:
 
             plan = memory.get("jax", {}).get("plan")
             plan_mib = f"{plan['work_bytes'] / 2**20:.0f}" if plan else "-"
-            ratio = f"{med['jax'] / med['faiss']:.2f}" if {"jax", "faiss"} <= set(med) else "-"
+            both = {"jax", "faiss"} <= set(med)
+            ratio = f"{med['jax'] / med['faiss']:.2f}" if both else "-"
+            cpu = timing["median_cpu_s"]
+            cpu_ratio = f"{cpu['jax'] / cpu['faiss']:.2f}" if both else "-"
             diffs = timing["max_abs_diff_vs_faiss"]
             diff = " / ".join(f"{diffs[m]:.1e}" for m in ("jax", "sklearn") if m in diffs)
             row = [
@@ -281,6 +291,7 @@ def main() -> None:
                 fmt("faiss"),
                 fmt("sklearn"),
                 ratio,
+                cpu_ratio,
                 f"{timing['first_s'].get('jax', float('nan')):.2f}",
                 mem("jax"),
                 plan_mib,

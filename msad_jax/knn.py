@@ -133,6 +133,7 @@ def plan_scoring(
     itemsize: int = 4,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     chunk_size: int | None = None,
+    grouped: bool = True,
 ) -> ScoringPlan:
     """Chooses chunk, tile and group sizes so the working buffers fit ``memory_budget_bytes``.
 
@@ -154,6 +155,7 @@ def plan_scoring(
       itemsize: bytes per value (4 for float32).
       memory_budget_bytes: bound on the working buffers, in bytes.
       chunk_size: if given, the query chunk size (the budget then only sizes the gallery tiles).
+      grouped: allow the two-stage selection (False: always a plain top-k).
 
     Returns:
       The :class:`ScoringPlan`.
@@ -168,7 +170,7 @@ def plan_scoring(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
 
-    group = group_size(num_gallery, k, dim)
+    group = group_size(num_gallery, k, dim) if grouped else 1
     per_query = _bytes_per_query(num_gallery, group, k, dim, itemsize)
     if chunk_size is None:
         fits = memory_budget_bytes // per_query
@@ -184,7 +186,7 @@ def plan_scoring(
 
     # Tile the gallery: the largest tile whose working buffers fit, grouped when possible.
     budget_per_query = memory_budget_bytes // chunk
-    for tile_group in (PREFERRED_GROUP, 1):
+    for tile_group in (PREFERRED_GROUP, 1) if grouped else (1,):
         fixed = _bytes_per_query(0, tile_group, k, dim, itemsize)
         per_row = _bytes_per_query(tile_group, tile_group, k, dim, itemsize) - fixed
         tile = (budget_per_query - fixed) // per_row * tile_group if budget_per_query > fixed else 0
@@ -356,6 +358,19 @@ _local_topk_jit = jax.jit(
 )
 
 
+def _use_groups(gallery: jax.typing.ArrayLike, approximate: bool) -> bool:
+    """Whether to allow the two-stage selection, which was designed and measured on XLA:CPU.
+
+    Elsewhere, and in approximate mode (``lax.approx_min_k`` is meant to see the whole block on
+    TPU), a plain top-k is used.
+    """
+    if approximate:
+        return False
+    if isinstance(gallery, jax.Array):
+        return all(d.platform == "cpu" for d in gallery.devices())
+    return jax.default_backend() == "cpu"
+
+
 def _to_device(x: jax.typing.ArrayLike) -> jax.Array:
     """A JAX array as is; a host array with a single copy (``jnp.asarray`` may copy twice)."""
     if isinstance(x, jax.Array):
@@ -438,6 +453,7 @@ def knn_distances(
         itemsize=jnp.dtype(_compute_dtype(gallery, queries)).itemsize,
         memory_budget_bytes=memory_budget_bytes,
         chunk_size=chunk_size,
+        grouped=_use_groups(gallery, approximate),
     )
     valid = (
         jnp.ones((num_gallery,), bool)
@@ -610,6 +626,7 @@ def sharded_knn_scores(
         itemsize=jnp.dtype(_compute_dtype(gallery_arr, queries_arr)).itemsize,
         memory_budget_bytes=memory_budget_bytes,
         chunk_size=chunk_size,
+        grouped=_use_groups(gallery_arr, approximate),
     )
     fn = _sharded_fn(mesh, k, plan, approximate, float(recall_target))
     return fn(gallery_arr, valid, queries_arr)

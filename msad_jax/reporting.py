@@ -232,7 +232,7 @@ def markdown_report(
       Markdown text ending with a newline.
 
     Raises:
-      ValueError: for an unknown dataset or inconsistent/out-of-range results.
+      ValueError: for an empty dataset name or inconsistent/out-of-range results.
     """
     _check_dataset(dataset)
     ordered, metric_names, epochs = _validated(results)
@@ -299,7 +299,7 @@ def csv_report(
     epoch, ``approximate`` and ``note``. Percentages are written with full precision.
 
     Raises:
-      ValueError: for an unknown dataset or inconsistent/out-of-range results.
+      ValueError: for an empty dataset name or inconsistent/out-of-range results.
     """
     _check_dataset(dataset)
     ordered, metric_names, epochs = _validated(results)

@@ -30,9 +30,11 @@ def _faiss_k2(gallery, queries):
 
 
 @pytest.mark.parametrize("chunk_size", [None, 5, 16, 64])
-def test_matches_brute_force_and_faiss(chunk_size):
+@pytest.mark.parametrize(("n_gallery", "dim", "group"), [(53, 24, 1), (1000, 16, 10)])
+def test_matches_brute_force_and_faiss(chunk_size, n_gallery, dim, group):
     rng = np.random.default_rng(0)
-    gallery, queries = _unit_rows(rng, 53, 24), _unit_rows(rng, 37, 24)  # 37 % 5, 37 % 16 != 0
+    gallery, queries = _unit_rows(rng, n_gallery, dim), _unit_rows(rng, 37, dim)  # 37 % 5 != 0
+    assert knn.plan_scoring(37, n_gallery, dim, 2, chunk_size=chunk_size).group == group
     got = np.asarray(knn.knn_scores(gallery, queries, chunk_size=chunk_size))
     assert got.shape == (37,)
     np.testing.assert_allclose(got, _brute_force(gallery, queries, 2).sum(1), rtol=0, atol=1e-5)
@@ -56,10 +58,11 @@ def test_not_unit_norm_inputs():
     np.testing.assert_allclose(got, _brute_force(gallery, queries, 2).sum(1), rtol=1e-5)
 
 
-def test_masked_rows_are_never_selected():
+@pytest.mark.parametrize("n_gallery", [50, 1000])  # plain and two-stage selection
+def test_masked_rows_are_never_selected(n_gallery):
     rng = np.random.default_rng(3)
-    gallery, queries = _unit_rows(rng, 50, 16), _unit_rows(rng, 23, 16)
-    mask = rng.random(50) < 0.6
+    gallery, queries = _unit_rows(rng, n_gallery, 16), _unit_rows(rng, 23, 16)
+    mask = rng.random(n_gallery) < 0.6
     # Masked-out rows are copies of queries: they would be the nearest (distance 0) if selected.
     hidden = np.flatnonzero(~mask)[:10]
     gallery[hidden] = queries[: len(hidden)]
@@ -161,7 +164,9 @@ def test_one_compilation_for_many_chunks():
 
 def test_approximate_mode_is_exact_on_cpu():
     rng = np.random.default_rng(7)
-    gallery, queries = _unit_rows(rng, 40, 8), _unit_rows(rng, 9, 8)
+    gallery, queries = _unit_rows(rng, 1000, 8), _unit_rows(rng, 9, 8)
+    assert knn.plan_scoring(9, 1000, 8, 2).group > 1
+    assert knn.plan_scoring(9, 1000, 8, 2, grouped=False).group == 1  # what approximate uses
     got = np.asarray(knn.knn_scores(gallery, queries, approximate=True))
     np.testing.assert_allclose(got, _brute_force(gallery, queries, 2).sum(1), atol=1e-5)
 

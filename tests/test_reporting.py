@@ -154,3 +154,14 @@ def test_datasets_without_published_numbers_get_our_table_only():
     rows = reporting.csv_report("my_folder", results).splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["class", "class", "mean"]
     assert reporting.published_results("my_folder") == ()
+
+
+def test_dataset_without_published_numbers():
+    md = reporting.markdown_report("my_folder", [ClassResult(0, "good", 0.75)])
+    assert md.startswith("## my_folder: one-class results (%)")
+    assert "(published)" not in md
+    assert "mean of 1 classes" in md
+    rows = list(
+        csv.DictReader(io.StringIO(reporting.csv_report("my_folder", [ClassResult(0, "a", 0.5)])))
+    )
+    assert [r["kind"] for r in rows] == ["class", "mean"]
