@@ -112,7 +112,15 @@ KILLING_RUN = textwrap.dedent(
     import jax
     from absl import app
     from msad_jax import main, train
+    from msad_jax.checkpointing import RunCheckpoints
 
+    # Saves are asynchronous in real runs; here each save completes before training goes on, so
+    # the kill below always comes after the step-9 checkpoint (a mid-epoch one) is on disk.
+    class FinishedSaves(RunCheckpoints):
+        def __init__(self, directory, **kwargs):
+            super().__init__(directory, **{{**kwargs, "asynchronous": False}})
+
+    train.RunCheckpoints = FinishedSaves
     original = train.pmap_train_step
 
     def killing_pmap_train_step(step, **kwargs):

@@ -187,6 +187,10 @@ class ResNet(nn.Module):
                 f"ResNet expects NHWC images with 3 channels, got shape {tuple(x.shape)}; "
                 "convert grayscale/RGBA to RGB and put channels last."
             )
+        if with_logits and self.num_classes is None:
+            raise ValueError(
+                "with_logits=True needs a classifier: build the model with num_classes."
+            )
         x = x.astype(self.dtype)
         x = _conv(self.width, 7, 2, 3, "conv1", self.dtype)(x)
         x = nn.relu(_batch_norm(train, "bn1", self.dtype)(x))
@@ -203,10 +207,6 @@ class ResNet(nn.Module):
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if not with_logits:
             return features
-        if self.num_classes is None:
-            raise ValueError(
-                "with_logits=True needs a classifier: build the model with num_classes."
-            )
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(
             features
         )
