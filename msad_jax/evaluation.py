@@ -3,11 +3,16 @@
 The gallery is phi of all normal training images (evaluation transform, no augmentation); a test
 image's anomaly score is the sum of squared distances from its phi to the ``k`` nearest gallery
 rows; ROC-AUC (label 1 = anomaly) is computed on the raw scores.
+
+Multi-host: every process extracts the features of its slice of each batch, receives the
+features of all processes (:func:`msad_jax.distributed.gather_rows`), and computes the same kNN
+scores and metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -54,17 +59,31 @@ def batch_size_for_devices(batch_size: int, num_devices: int) -> int:
     return -(-batch_size // num_devices) * num_devices
 
 
+def _process_batches(images: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's slices of the global evaluation batches of ``images``.
+
+    The global batch is rounded up to a multiple of all devices of all processes; each process
+    feeds its local devices its slice (multi-host: :mod:`msad_jax.distributed`).
+    """
+    devices = jax.local_device_count()
+    processes = jax.process_count()
+    return eval_batches(
+        images,
+        global_batch_size=batch_size_for_devices(batch_size, devices * processes),
+        num_devices=devices,
+        process_index=jax.process_index(),
+        process_count=processes,
+    )
+
+
 def features_of(
     extractor: FeatureFn, variables: PyTree, images: np.ndarray, *, batch_size: int
 ) -> np.ndarray:
-    """phi of ``images`` (uint8 ``[N, H, W, 3]``) with replicated ``variables``."""
-    devices = jax.local_device_count()
-    batches = eval_batches(
-        images,
-        global_batch_size=batch_size_for_devices(batch_size, devices),
-        num_devices=devices,
-    )
-    return extract_features(extractor, variables, batches)
+    """phi of ``images`` (uint8 ``[N, H, W, 3]``) with replicated ``variables``.
+
+    With several processes every process passes all ``images`` and gets all features.
+    """
+    return extract_features(extractor, variables, _process_batches(images, batch_size))
 
 
 def gallery_and_center(
@@ -76,13 +95,9 @@ def gallery_and_center(
     normalize_center: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gallery features and their center (SPEC §3) in one pass over the training images."""
-    devices = jax.local_device_count()
-    batches = eval_batches(
-        images,
-        global_batch_size=batch_size_for_devices(batch_size, devices),
-        num_devices=devices,
+    return extract_features_and_center(
+        extractor, variables, _process_batches(images, batch_size), normalize=normalize_center
     )
-    return extract_features_and_center(extractor, variables, batches, normalize=normalize_center)
 
 
 def leave_one_out_scores(

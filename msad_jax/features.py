@@ -10,6 +10,11 @@ order gives input order, and mask False marks padding. The pmapped extractor ret
 plus the masked feature sum and count, already reduced over devices with ``lax.psum``. The host loop
 does not block per batch: device results are fetched in groups, and the per-batch sums are added in
 float64 on the host.
+
+Multi-host (:mod:`msad_jax.distributed`): each process feeds its local devices its slice of every
+global batch (``eval_batches(..., process_index, process_count)``); the pmapped ``psum`` then runs
+over the devices of all processes, so sum and count (hence the center) are global, and the
+features of all processes are all-gathered to every process in input order.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from msad_jax import distributed
 from msad_jax.losses import l2_normalize
 
 PyTree = Any
@@ -120,6 +126,7 @@ def _run(
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     chunks: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     total: np.ndarray | None = None
     count = 0
     pending: list[tuple[dict[str, jax.Array], np.ndarray]] = []
@@ -133,13 +140,15 @@ def _run(
         ]
         fetched = jax.device_get(wanted)
         for host, (_, mask) in zip(fetched, pending, strict=True):
-            # sum/count are psum-reduced, hence identical on every device: take device 0's copy.
+            # sum/count are psum-reduced over the devices of all processes, hence identical on
+            # every device: take device 0's copy.
             batch_sum = np.asarray(host["sum"][0], dtype=np.float64)
             total = batch_sum if total is None else total + batch_sum
             count += int(host["count"][0])
             if keep_features:
                 phi = host["phi"]
-                chunks.append(phi.reshape(-1, phi.shape[-1])[mask.reshape(-1)])
+                chunks.append(phi.reshape(-1, phi.shape[-1]))
+                masks.append(mask.reshape(-1))
         pending.clear()
 
     for batch in batches:
@@ -152,7 +161,10 @@ def _run(
         raise ValueError("no batches were given; pass a non-empty iterable of eval batches")
     features = None
     if keep_features:
-        features = np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
+        # This process's rows of every batch; with several processes, every process receives
+        # all processes' rows, in input order.
+        features = distributed.gather_rows(np.stack(chunks), np.stack(masks))
+        features = features.astype(np.float32, copy=False)
     return features, total, count
 
 

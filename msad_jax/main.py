@@ -4,6 +4,12 @@ Config values are overridden on the command line, e.g. ``--config.normal_class=3
 ``--config.normal_class=all``. A run started again with the same ``--workdir`` resumes.
 Misconfiguration (unknown key or dataset, missing weights or data offline, corrupt checkpoint)
 ends with a one-line message and exit status 1, without a traceback.
+
+Multi-host: start the same command on every host (one process per host) with
+``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (or the environment
+variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), or with
+``--distributed_auto`` under SLURM / Open MPI / Cloud TPU; ``--workdir`` must be a folder all
+hosts share. See :mod:`msad_jax.distributed`.
 """
 
 from __future__ import annotations
@@ -19,7 +25,45 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; an existing run there resumes.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-host: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-host: number of processes (default: $JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-host: this process's number, 0..N-1 (default: $JAX_PROCESS_ID)."
+)
+_DISTRIBUTED_AUTO = flags.DEFINE_bool(
+    "distributed_auto",
+    False,
+    "Multi-host: let JAX detect the cluster (SLURM, Open MPI, Cloud TPU) when nothing is set.",
+)
+_CPU_EIGEN_CONVOLUTIONS = flags.DEFINE_bool(
+    "cpu_eigen_convolutions",
+    False,
+    "CPU speed-up (opt-in): run XLA:CPU convolutions with Eigen instead of YNNPACK, whose "
+    "weight-gradient convolutions are slow; see benchmarks/RESULTS.md.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default; its weight-gradient
+# convolutions (huge window, tiny output) run 2-3x slower than Eigen's. Removing the
+# convolution fusion type sends all convolutions to Eigen again (float32 either way; the
+# summation order, hence the last bits, differ).
+EIGEN_CONVOLUTIONS_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def use_eigen_convolutions() -> None:
+    """Adds :data:`EIGEN_CONVOLUTIONS_FLAG` to ``XLA_FLAGS`` (before JAX starts a backend).
+
+    An explicit ``--xla_cpu_experimental_ynn_fusion_type`` already in ``XLA_FLAGS`` wins.
+    """
+    current = os.environ.get("XLA_FLAGS", "")
+    if "--xla_cpu_experimental_ynn_fusion_type" not in current:
+        os.environ["XLA_FLAGS"] = f"{current} {EIGEN_CONVOLUTIONS_FLAG}".strip()
 
 
 def _check_config_file(argv: list[str]) -> None:
@@ -58,13 +102,30 @@ def main(argv: list[str]) -> None:
     """Runs :func:`msad_jax.train.train_and_evaluate` with the parsed config."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from msad_jax import distributed
     from msad_jax.errors import user_errors
+
+    if _CPU_EIGEN_CONVOLUTIONS.value:
+        use_eigen_convolutions()
+    with user_errors():
+        # Before anything touches a device: join the other processes of a multi-host run.
+        distributed.initialize(
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            auto=_DISTRIBUTED_AUTO.value,
+        )
     from msad_jax.train import train_and_evaluate
 
     logging.set_verbosity(logging.WARNING)  # quiet libraries (orbax logs every save at INFO)
-    std_logging.getLogger("msad_jax").setLevel(std_logging.INFO)
+    main_process = distributed.is_main_process()
+    std_logging.getLogger("msad_jax").setLevel(
+        std_logging.INFO if main_process else std_logging.WARNING
+    )
     with user_errors():
         result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if not main_process:
+        return
     final = result.get("mean_auroc", result.get("final", {}).get("auroc"))
     print(f"done: ROC-AUC {100 * final:.2f}% -- report in {_WORKDIR.value}", file=sys.stderr)
 

@@ -18,6 +18,13 @@ with the same parameters as an uninterrupted run. A NaN loss stops the run with
 
 With ``config.normal_class = 'all'`` each class runs in ``<workdir>/class_<i>_<name>/`` and the
 per-class table (with the published numbers beside ours) goes to ``<workdir>/report.{md,csv}``.
+
+Multi-host (:mod:`msad_jax.distributed`, one process per host, ``jax.distributed`` initialised
+first): ``config.batch_size`` is the global batch over the devices of all processes; each process
+reads its slice of every global batch; the pmapped step's collectives span all devices, so the
+loss, gradients and center are global; evaluation gathers the features of all processes; every
+process takes part in saving and restoring checkpoints (orbax; process 0 writes the host arrays),
+and process 0 alone writes reports, plots, metrics and the detector file.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from msad_jax import evaluation, plots, reporting
+from msad_jax import distributed, evaluation, plots, reporting
 from msad_jax.checkpointing import CheckpointError, RunCheckpoints
 from msad_jax.config import ConfigError, validate_config
 from msad_jax.data import augment, pipeline, protocols, subsets, synthetic, transforms
@@ -84,6 +91,16 @@ RUN_INFO_FILE = "run.json"
 
 class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class _NullWriter:
+    """Stands in for :class:`MetricWriter` on processes other than 0 (they write nothing)."""
+
+    def write(self, record: Any, *, step: int, prefix: str = "") -> None:
+        del record, step, prefix
+
+    def close(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +334,8 @@ def _epoch_batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.
         seed=run.config.seed,
         epoch=epoch,
         start_step=start,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     return pipeline.prefetch_to_device(batches, size=2)
 
@@ -373,21 +392,12 @@ def _train_epoch(
 
 
 def _write_outputs(run: _Run, final: evaluation.Evaluation, history: list[dict[str, Any]]) -> dict:
-    """Report, plots and detector file of a finished class."""
+    """Report, plots and detector file of a finished class (written by process 0 only)."""
     config, data = run.config, run.data
     train_scores = evaluation.leave_one_out_scores(
         final.gallery, config.knn_k, memory_budget_bytes=config.knn_memory_budget_mb * 2**20
     )
     threshold = float(np.quantile(train_scores, config.threshold_quantile))
-    np.savez(
-        os.path.join(run.workdir, DETECTOR_FILE),
-        gallery=final.gallery,
-        train_scores=train_scores,
-        test_scores=final.scores,
-        test_labels=final.labels,
-        threshold=np.asarray(threshold),
-        image_side=np.asarray(data.train_images.shape[1]),
-    )
     evals = [h for h in history if "auroc" in h]
     report = {
         "dataset": config.dataset,
@@ -404,6 +414,17 @@ def _write_outputs(run: _Run, final: evaluation.Evaluation, history: list[dict[s
         "threshold": threshold,
         "threshold_quantile": config.threshold_quantile,
     }
+    if not distributed.is_main_process():
+        return report  # every process has the same report; process 0 writes it
+    np.savez(
+        os.path.join(run.workdir, DETECTOR_FILE),
+        gallery=final.gallery,
+        train_scores=train_scores,
+        test_scores=final.scores,
+        test_labels=final.labels,
+        threshold=np.asarray(threshold),
+        image_side=np.asarray(data.train_images.shape[1]),
+    )
     with open(os.path.join(run.workdir, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
     with open(os.path.join(run.workdir, "report.md"), "w", encoding="utf-8") as handle:
@@ -472,10 +493,11 @@ def train_one_class(
     model, variables, spec = model_and_variables(config)
     prep = preprocessing_for(config, spec)
     frozen = frozen_patterns(config, spec)
-    devices = jax.local_device_count()
+    devices = jax.local_device_count() * jax.process_count()
     if config.batch_size % devices:
         raise ConfigError(
-            f"config.batch_size={config.batch_size} must be a multiple of the {devices} devices."
+            f"config.batch_size={config.batch_size} must be a multiple of the {devices} devices"
+            f"{' of all processes' if jax.process_count() > 1 else ''}."
         )
     tx = make_optimizer(
         variables["params"],
@@ -505,17 +527,18 @@ def train_one_class(
         step_fn=pmap_train_step(step),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
-        writer=MetricWriter(workdir),
+        writer=MetricWriter(workdir) if distributed.is_main_process() else _NullWriter(),
         checkpoints=RunCheckpoints(
             os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
         ),
     )
-    with open(os.path.join(workdir, RUN_INFO_FILE), "w", encoding="utf-8") as handle:
-        json.dump(
-            {"config": config.to_dict(), "preprocessing": dataclasses.asdict(prep)},
-            handle,
-            indent=2,
-        )
+    if distributed.is_main_process():
+        with open(os.path.join(workdir, RUN_INFO_FILE), "w", encoding="utf-8") as handle:
+            json.dump(
+                {"config": config.to_dict(), "preprocessing": dataclasses.asdict(prep)},
+                handle,
+                indent=2,
+            )
     try:
         return _train_and_report(run, variables, tx)
     finally:
@@ -573,7 +596,7 @@ def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[
         initial=done,
         desc="training",
         unit="step",
-        disable=not config.progress,
+        disable=not (config.progress and distributed.is_main_process()),
     ) as bar:
         while epoch * run.steps_per_epoch + start < run.total_steps:
             t0 = time.perf_counter()
@@ -645,17 +668,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         for r in reports
     ]
-    md_path, csv_path = reporting.write_report(
-        config.dataset, results, os.path.join(workdir, "report"), backbone=config.backbone
-    )
     summary = {
         "dataset": config.dataset,
         "classes": reports,
         "mean_auroc": float(np.mean([r["final"]["auroc"] for r in reports])),
         "mean_pretrained_auroc": float(np.mean([r["pretrained"]["auroc"] for r in reports])),
-        "report_markdown": md_path.name,
-        "report_csv": csv_path.name,
+        "report_markdown": "report.md",
+        "report_csv": "report.csv",
     }
-    with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
+    if distributed.is_main_process():
+        md_path, csv_path = reporting.write_report(
+            config.dataset, results, os.path.join(workdir, "report"), backbone=config.backbone
+        )
+        summary.update(report_markdown=md_path.name, report_csv=csv_path.name)
+        with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2)
     return summary
