@@ -9,6 +9,8 @@
 ``cats_vs_dogs``    TFDS's single 'train' split cut per class into a fixed seeded test part
                     (2500) and train part (up to 10000), see ``cats_vs_dogs_split``.
                     Images are resized to ``image_size`` (default 256, shorter side + crop).
+``digits``          scikit-learn's 8x8 digits (no download), a fixed seeded stratified split
+                    (``msad_jax.data.digits``); about 120 train; all 599 test (about 60 normal).
 ``folder``          a directory or .zip file of images (``msad_jax.data.folders`` layouts).
 ``arrays``          in-memory labelled arrays (:class:`LabelledArrays`).
 ==================  ===========================================================================
@@ -23,10 +25,10 @@ import os
 
 import numpy as np
 
-from msad_jax.data import folders, tfds_sources
+from msad_jax.data import digits, folders, tfds_sources
 from msad_jax.data.images import DEFAULT_IMAGE_SIZE, stack_images
 
-DATASETS = ("cifar10", "cifar100", "fashion_mnist", "cats_vs_dogs", "folder", "arrays")
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "cats_vs_dogs", "digits", "folder", "arrays")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,8 @@ def class_names(
     """
     if dataset in tfds_sources.SPECS:
         return list(tfds_sources.SPECS[dataset].class_names)
+    if dataset == "digits":
+        return list(digits.CLASS_NAMES)
     if dataset == "folder":
         if path is None:
             raise ValueError("dataset='folder' needs path=<directory or .zip>.")
@@ -327,6 +331,14 @@ def load_one_class(
             manual_dir=manual_dir,
             split_sizes=split_sizes,
             num_workers=num_workers,
+        )
+    if dataset == "digits":
+        return one_class_from_labelled(
+            *digits.load_digits_arrays(),
+            list(digits.CLASS_NAMES),
+            normal_class,
+            "digits",
+            image_size=image_size,
         )
     if dataset == "folder":
         if path is None:
