@@ -23,34 +23,13 @@ import jax
 import numpy as np
 import torch
 import torchvision
-import torchvision.transforms as T
-from PIL import Image, ImageFilter
+from PIL import Image
+from torch_reference import moco_v2_transform  # benchmarks/ is on sys.path (run as a script)
 
 from msad_jax.data.augment import make_augment_fn
-from msad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from msad_jax.data.transforms import Preprocessing
 
 PREP = Preprocessing(resize=256, crop=224, method="bilinear")
-
-
-class PilGaussianBlur:
-    """MoCo v2's blur: PIL GaussianBlur with radius ~ U[0.1, 2.0]."""
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-
-
-def torchvision_pipeline() -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomResizedCrop(224, scale=(0.2, 1.0)),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([PilGaussianBlur()], p=0.5),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
 
 
 def source_images(n: int, side: int, seed: int = 0) -> np.ndarray:
@@ -78,7 +57,7 @@ def time_jax(images: np.ndarray, seconds: float) -> tuple[float, float]:
 
 
 def time_torchvision(images: np.ndarray, seconds: float) -> float:
-    pipeline = torchvision_pipeline()
+    pipeline = moco_v2_transform(224)
     pils = [Image.fromarray(im) for im in images]
     done, start = 0, time.perf_counter()
     while done < len(pils) or time.perf_counter() - start < seconds:

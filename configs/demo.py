@@ -14,8 +14,8 @@ Commands::
 
 Expected (digit 8, measured): ``epoch 0: ROC-AUC 93.87%`` (kNN on the pretrained features), 5
 epochs of MSC fine-tuning (4 steps each), ``epoch 5: ROC-AUC 95.29%``, ``done: ROC-AUC 95.29%``;
-report.md/.json, roc.png, scores.png, training.png and detector.npz in the workdir. About 4
-minutes on a busy 2-core CPU (2 CPU-minutes). All ten digits: mean 95.37% -> 95.61%, per digit
+report.md/.json, roc.png, scores.png, training.png and detector.npz in the workdir. 80 s on an
+idle 2-core CPU (about 4 minutes on a busy one). All ten digits: mean 95.37% -> 95.61%, per digit
 and with times in ``benchmarks/results/demo.md``. Without the extra it stops with one line naming
 ``pip install 'msad_jax[efficientnet]'``.
 
