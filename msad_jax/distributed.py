@@ -154,16 +154,6 @@ def _platforms_include_cpu() -> bool:
     return not platforms or "cpu" in platforms.split(",")
 
 
-def process_index() -> int:
-    """This process's index (0 in a single-process run)."""
-    return jax.process_index()
-
-
-def process_count() -> int:
-    """Number of processes (1 in a single-process run)."""
-    return jax.process_count()
-
-
 def is_main_process() -> bool:
     """True on process 0, the one that writes reports, plots and logs."""
     return jax.process_index() == 0
@@ -215,11 +205,3 @@ def gather_rows(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     gathered_values = np.asarray(multihost_utils.process_allgather(values, tiled=False))
     gathered_mask = np.asarray(multihost_utils.process_allgather(mask, tiled=False))
     return interleave_rows(gathered_values, gathered_mask)
-
-
-def barrier(name: str) -> None:
-    """Waits until every process reaches the barrier ``name`` (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)

@@ -146,6 +146,15 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
     return protocols.class_names(config.dataset)
 
 
+def training_steps(config: ml_collections.ConfigDict, num_train_images: int) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``: the epochs' steps, capped by ``config.max_steps``."""
+    steps_per_epoch = pipeline.steps_per_epoch(num_train_images, config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    return steps_per_epoch, total_steps
+
+
 def normal_classes(config: ml_collections.ConfigDict) -> list[int]:
     """The normal classes to run: one, or all of them for ``normal_class='all'``."""
     names = class_names(config)
@@ -514,10 +523,7 @@ def train_one_class(
         augment_fn=augment.make_augment_fn(prep),
         frozen=frozen,
     )
-    steps_per_epoch = pipeline.steps_per_epoch(len(data.train_images), config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    steps_per_epoch, total_steps = training_steps(config, len(data.train_images))
     run = _Run(
         config=config,
         workdir=workdir,

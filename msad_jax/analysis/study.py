@@ -74,6 +74,7 @@ from msad_jax.train import (
     model_and_variables,
     normal_classes,
     preprocessing_for,
+    training_steps,
 )
 from msad_jax.train_step import create_train_state, example_keys, make_train_step, replicate_state
 
@@ -333,10 +334,7 @@ def _setup(config: ml_collections.ConfigDict) -> tuple[_Setup, evaluation.Evalua
     prep = preprocessing_for(base, spec)
     frozen = frozen_patterns(base, spec)
     extractor = make_feature_extractor(model, transforms.make_preprocess_fn(prep))
-    steps_per_epoch = pipeline.steps_per_epoch(len(data.train_images), config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    steps_per_epoch, total_steps = training_steps(config, len(data.train_images))
     setup = _Setup(
         config=config,
         data=data,
