@@ -78,6 +78,7 @@ def pages() -> dict[str, Callable[[], str]]:
     """Every generated page (path relative to ``benchmarks/results/``) and how to render it."""
     return {
         "demo.md": _demo,
+        "demo_choices.md": _module_markdown("demo_choices", "demo_choices"),
         "cifar10_jpeg_efficientnet_lite0.md": _cifar10_jpeg("cifar10_jpeg_efficientnet_lite0"),
         "cifar10_jpeg_efficientnet_lite0_5epochs.md": _cifar10_jpeg(
             "cifar10_jpeg_efficientnet_lite0_5epochs"

@@ -1,4 +1,4 @@
-"""benchmarks/results/ holds records and what scripts generate from them, nothing written by hand."""
+"""benchmarks/results/ holds records and the pages scripts generate from them, nothing else."""
 
 import importlib.util
 import json
