@@ -81,11 +81,14 @@ def machine(packages: Iterable[str] = PACKAGES) -> dict[str, Any]:
     }
 
 
+OUTPUTS = "benchmarks/results/"
+
+
 def git_state(repo: pathlib.Path = REPO) -> dict[str, Any]:
     """``{'commit': full hash, 'modified': tracked files differing from it}`` (best effort).
 
-    Untracked files are not listed: only committed code runs (the benchmark scripts import the
-    package from the repository).
+    Untracked files are not listed (the benchmark scripts import the package from the
+    repository), nor files under :data:`OUTPUTS`, which the scripts themselves write.
     """
     try:
         commit = subprocess.run(
@@ -100,7 +103,7 @@ def git_state(repo: pathlib.Path = REPO) -> dict[str, Any]:
         ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "modified": []}
-    return {"commit": commit, "modified": sorted(diff)}
+    return {"commit": commit, "modified": sorted(f for f in diff if not f.startswith(OUTPUTS))}
 
 
 def portable(path: str | os.PathLike, repo: pathlib.Path = REPO) -> str:
