@@ -157,7 +157,7 @@ def main() -> None:
         "finished": records.timestamp(),
     }
     records.write_json(path, document)
-    args.output.with_suffix(".md").write_text(markdown(document))
+    args.output.with_suffix(".md").write_text(markdown(records.read_json(path)))
 
 
 if __name__ == "__main__":

@@ -115,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "finished": records.timestamp(),
     }
     records.write_json(args.output.with_suffix(".json"), document)
-    args.output.with_suffix(".md").write_text(markdown(document))
-    print(markdown(document))
+    text = markdown(records.read_json(args.output.with_suffix(".json")))
+    args.output.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

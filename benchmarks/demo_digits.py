@@ -235,7 +235,7 @@ def _spread_lines(
 def markdown(found: Sequence[dict[str, Any]]) -> str:
     """The demo report from the run records."""
     if not found:
-        raise ValueError("No demo records: run benchmarks/demo_digits.py first.")
+        raise FileNotFoundError("No demo records: run benchmarks/demo_digits.py first.")
     table = _by_setting(found)
     numerics = [s for s in SETTINGS if s in table and SETTINGS[s].numerics]
     variants = [s for s in SETTINGS if s in table and not SETTINGS[s].numerics]

@@ -76,5 +76,5 @@ def test_demo_report_states_the_spread_between_settings():
 
 
 def test_demo_report_needs_records():
-    with pytest.raises(ValueError, match="No demo records"):
+    with pytest.raises(FileNotFoundError, match="No demo records"):
         demo_digits.markdown([])
