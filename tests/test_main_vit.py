@@ -37,13 +37,16 @@ def _main(config, workdir, *overrides, env=None):
 
 def test_tiny_vit_trains_evaluates_and_scores(tmp_path):
     workdir = tmp_path / "run"
-    proc = _main("smoke.py", workdir, "--config.backbone=vit_tiny", "--config.plots=False")
+    proc = _main(
+        "smoke.py", workdir, "--config.backbone=vit_tiny", "--config.plots=False",
+        "--config.epochs=1",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((workdir / "report.json").read_text())
     assert report["backbone"] == "vit_tiny"
-    assert [h["epoch"] for h in report["history"]] == [0, 1, 2]
+    assert [h["epoch"] for h in report["history"]] == [0, 1]
     assert 0.0 <= report["final"]["auroc"] <= 1.0
-    assert RunCheckpoints(workdir / "checkpoints").latest_step() == 14
+    assert RunCheckpoints(workdir / "checkpoints").latest_step() == 7
 
     # The default frozen parameters (patch embedding, tokens, block 0) kept their initial values.
     saved = RunCheckpoints(workdir / "checkpoints").restore_arrays()["params"]
