@@ -23,10 +23,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from msad_jax.errors import UserError
+
 PyTree = Any
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be read or does not fit the run; the message says what to do."""
 
 

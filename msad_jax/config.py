@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from msad_jax.data.protocols import DATASETS
+from msad_jax.errors import InputError
 from msad_jax.models import list_backbones
 
 LOSSES = ("msc", "contrastive")
@@ -24,7 +25,7 @@ DTYPES = ("float32", "bfloat16")
 METHODS = ("bilinear", "bicubic")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration is invalid; the message names the key and what to do."""
 
 

@@ -49,6 +49,7 @@ from msad_jax import distributed, evaluation, plots, reporting
 from msad_jax.checkpointing import CheckpointError, RunCheckpoints
 from msad_jax.config import ConfigError, validate_config
 from msad_jax.data import augment, pipeline, protocols, subsets, synthetic, transforms
+from msad_jax.errors import UserError
 from msad_jax.features import make_feature_extractor
 from msad_jax.metric_writer import MetricWriter
 from msad_jax.models import (
@@ -89,7 +90,7 @@ DETECTOR_FILE = "detector.npz"
 RUN_INFO_FILE = "run.json"
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from msad_jax.data.images import decode_all
+from msad_jax.errors import InputError, MissingInputError
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -79,7 +80,7 @@ def open_tree(path: str | os.PathLike) -> Iterator[FileTree]:
     """Opens a directory or a .zip file as a :class:`FileTree` (the zip stays open inside)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Image folder or zip {path!r} does not exist.")
+        raise MissingInputError(f"Image folder or zip {path!r} does not exist.")
     if os.path.isdir(path):
         files = []
         for dirpath, dirnames, filenames in os.walk(path):
@@ -95,7 +96,7 @@ def open_tree(path: str | os.PathLike) -> Iterator[FileTree]:
         yield FileTree(path, tuple(f for f in files if _is_image(f)), read_file)
         return
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path!r} is neither a directory nor a zip file.")
+        raise InputError(f"{path!r} is neither a directory nor a zip file.")
     with zipfile.ZipFile(path) as archive:
         names = tuple(n for n in archive.namelist() if not n.endswith("/") and _is_image(n))
         yield FileTree(path, names, archive.read)
@@ -130,8 +131,8 @@ def resolve_root(tree: FileTree) -> FileTree:
     return tree
 
 
-def _layout_error(tree: FileTree) -> ValueError:
-    return ValueError(
+def _layout_error(tree: FileTree) -> InputError:
+    return InputError(
         f"No images in a known layout under {tree.root!r}: expected ROOT/train/<class>/ and "
         "ROOT/test/<class>/ (class-per-folder, train/good + test/<defect>, or train/normal + "
         "test/normal + test/anomalous) or MVTec AD's ROOT/<category>/train/good/ and "
@@ -174,7 +175,7 @@ def _split_problem(tree: FileTree, normal: str) -> FolderSplit:
     train_classes = _classes_under(tree, "train")
     test_classes = _classes_under(tree, "test")
     if normal not in train_classes:
-        raise ValueError(
+        raise InputError(
             f"Normal class {normal!r} has no folder {tree.root}/train/{normal}/; "
             f"train classes: {train_classes}."
         )
@@ -189,7 +190,7 @@ def _split_problem(tree: FileTree, normal: str) -> FolderSplit:
         key=lambda f: (index[f.split("/")[1]], natural_key(f)),
     )
     if not test:
-        raise ValueError(f"No test images under {tree.root}/test/<class>/.")
+        raise InputError(f"No test images under {tree.root}/test/<class>/.")
     classes = np.asarray([index[f.split("/")[1]] for f in test], dtype=np.int32)
     return FolderSplit(tree.root, train, test, classes, names, index[normal], tree.read)
 
@@ -208,11 +209,11 @@ def folder_split(tree: FileTree, normal_class: int | str) -> FolderSplit:
     problems = folder_class_names(tree)
     if isinstance(normal_class, str):
         if normal_class not in problems:
-            raise ValueError(f"normal_class {normal_class!r} not in {problems}.")
+            raise InputError(f"normal_class {normal_class!r} not in {problems}.")
         name = normal_class
     else:
         if not 0 <= int(normal_class) < len(problems):
-            raise ValueError(
+            raise InputError(
                 f"normal_class={normal_class} out of range: {len(problems)} classes {problems}."
             )
         name = problems[int(normal_class)]
@@ -223,7 +224,7 @@ def folder_split(tree: FileTree, normal_class: int | str) -> FolderSplit:
     normal = next((c for c in NORMAL_FOLDER_NAMES if c in train_classes), None)
     if normal is None:
         if len(train_classes) != 1:
-            raise ValueError(
+            raise InputError(
                 f"Category {name!r} needs one normal folder {category.root}/train/good/; "
                 f"found {train_classes}."
             )
