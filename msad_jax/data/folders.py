@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import zipfile
@@ -61,18 +62,24 @@ def _is_image(path: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FileTree:
-    """Image files under a root: relative POSIX paths plus a reader of their bytes."""
+    """Image files under a root: relative POSIX paths plus readers of their bytes and sizes."""
 
     root: str
     files: tuple[str, ...]
     read: Callable[[str], bytes]
+    size: Callable[[str], int]
 
     def subtree(self, prefix: str) -> FileTree:
         """The files under ``prefix/``, with paths relative to it."""
         cut = len(prefix) + 1
         files = tuple(f[cut:] for f in self.files if f.startswith(prefix + "/"))
-        read = self.read
-        return FileTree(f"{self.root}/{prefix}", files, lambda p: read(f"{prefix}/{p}"))
+        read, size = self.read, self.size
+        return FileTree(
+            f"{self.root}/{prefix}",
+            files,
+            lambda p: read(f"{prefix}/{p}"),
+            lambda p: size(f"{prefix}/{p}"),
+        )
 
 
 @contextlib.contextmanager
@@ -93,13 +100,29 @@ def open_tree(path: str | os.PathLike) -> Iterator[FileTree]:
             with open(os.path.join(path, *rel.split("/")), "rb") as handle:
                 return handle.read()
 
-        yield FileTree(path, tuple(f for f in files if _is_image(f)), read_file)
+        def file_size(rel: str) -> int:
+            return os.path.getsize(os.path.join(path, *rel.split("/")))
+
+        yield FileTree(path, tuple(f for f in files if _is_image(f)), read_file, file_size)
         return
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path!r} is neither a directory nor a zip file.")
     with zipfile.ZipFile(path) as archive:
         names = tuple(n for n in archive.namelist() if not n.endswith("/") and _is_image(n))
-        yield FileTree(path, names, archive.read)
+        yield FileTree(path, names, archive.read, lambda name: archive.getinfo(name).file_size)
+
+
+def file_list_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of the sorted image files under ``path`` (directory or zip) and their byte sizes.
+
+    Adding, removing, renaming or resizing an image changes it; modification times do not, nor
+    does moving the folder.
+    """
+    digest = hashlib.sha256()
+    with open_tree(path) as tree:
+        for name in sorted(tree.files):
+            digest.update(f"{name}\t{tree.size(name)}\n".encode())
+    return digest.hexdigest()
 
 
 def _top_dirs(files: tuple[str, ...]) -> set[str]:
@@ -244,8 +267,10 @@ def load_folder(
     Args:
       path: directory or .zip file.
       normal_class: index or name of the normal class (or MVTec category).
-      image_size: common square side; None keeps the native size when all images (train and test
-        together) share it, else 256. See ``msad_jax.data.images``.
+      image_size: common square side; None: images larger than 256 (longer side), or all
+        images when their sizes differ (train and test together), become 256x256 as they are
+        decoded, and images that all share one size up to 256 keep it. See
+        ``msad_jax.data.images``.
       num_workers: decoding threads.
 
     Returns:

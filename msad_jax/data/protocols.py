@@ -310,7 +310,9 @@ def load_one_class(
       normal_class: index (or name) of the normal class; see :func:`class_names`.
       data_dir: TFDS data directory (TFDS datasets).
       image_size: resize images to this square side (shorter side + center crop, Pillow
-        bilinear). None keeps native sizes when they agree, else 256.
+        bilinear). None: arrays and TFDS images keep their native size when all sizes agree
+        (else 256); folders follow the rule of ``msad_jax.data.images`` (images larger than 256,
+        or of mixed sizes, become 256x256 as they are decoded; a common size up to 256 is kept).
       path: directory or .zip file ('folder').
       arrays: labelled arrays ('arrays').
       download: let TFDS prepare a missing dataset (needs TensorFlow and network, or the
