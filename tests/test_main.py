@@ -239,9 +239,14 @@ def test_damaged_checkpoint_is_never_scored_and_training_resumes_before_it(tmp_p
 
     resumed = _main(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"{folder} is damaged" in resumed.stderr
-    assert (workdir / "damaged_checkpoints" / "14" / "state").is_dir()
+    reported = [line for line in resumed.stderr.splitlines() if "is damaged" in line]
+    assert len(reported) == 1 and f"{folder} is damaged" in reported[0]
+    assert f"moved it to {workdir / 'damaged_checkpoints' / '14'}" in reported[0]
+    assert (workdir / "damaged_checkpoints" / "14" / "state").is_dir()  # kept, not deleted
     assert "Resuming from step 12" in resumed.stderr
+    records = read_metrics(workdir / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 15))
+    assert [r["epoch"] for r in records if "auroc" in r] == [0, 1, 2]
     # Resumed from the intact step 12: the same result as the undamaged run.
     original = json.loads((smoke_run[0] / "report.json").read_text())
     assert json.loads((workdir / "report.json").read_text())["final"] == original["final"]
