@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from msad_jax.data.protocols import DATASETS
+from msad_jax.errors import InputError
 from msad_jax.models import list_backbones
 
 LOSSES = ("msc", "contrastive")
@@ -24,7 +25,7 @@ DTYPES = ("float32", "bfloat16")
 METHODS = ("bilinear", "bicubic")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration is invalid; the message names the key and what to do."""
 
 
@@ -37,7 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # TFDS data_dir ('' = TFDS default); for 'folder': the directory or .zip
     c.manual_dir = ""  # TFDS manual download directory ('' = <data_dir>/downloads/manual)
     c.download = True  # let TFDS prepare a missing dataset (needs TensorFlow and the internet)
-    c.image_size = 0  # resize stored images to this square side (0 = native / folder default)
+    # Resize stored images to this square side (shorter side + center crop). 0 = automatic:
+    # folders/zips: images larger than 256 or of mixed sizes become 256x256 while decoding,
+    # one common size up to 256 is kept; TFDS: native size (CatsVsDogs: 256).
+    c.image_size = 0
     c.train_images = 0  # use a seeded subset of this many training images (0 = all; not SPEC)
     c.test_images = 0  # use a seeded, class-stratified subset of test images (0 = all; not SPEC)
     c.synthetic_size = 32  # 'synthetic' only: image side

@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 
 from msad_jax.data.folders import IMAGE_EXTENSIONS, natural_key
+from msad_jax.errors import MissingInputError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a finished training run.")
 flags.mark_flag_as_required("workdir")
@@ -33,9 +34,9 @@ def expand_paths(paths: list[str]) -> list[str]:
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise FileNotFoundError(f"No such image file or folder: {path}.")
+            raise MissingInputError(f"No such image file or folder: {path}.")
     if not files:
-        raise FileNotFoundError(f"No image files found in {' '.join(paths)}.")
+        raise MissingInputError(f"No image files found in {' '.join(paths)}.")
     return files
 
 

@@ -13,8 +13,17 @@ one normal class it does, in order (SPEC §3-7):
 Checkpoints are written every ``config.checkpoint_every_steps`` steps and after every epoch; a run
 started again in the same ``workdir`` resumes from the newest one (parameters, optimizer state,
 step, PRNG key, center, position in the epoch's data order and the evaluation history) and ends
-with the same parameters as an uninterrupted run. A NaN loss stops the run with
-:class:`TrainingDivergedError` before anything NaN is checkpointed.
+with the same parameters as an uninterrupted run. A damaged checkpoint (see
+:mod:`msad_jax.checkpointing`) is reported in one line, moved to ``<workdir>/damaged_checkpoints/``
+and the run resumes from the newest intact one. A NaN loss, or parameters that give NaN features,
+stop the run with :class:`TrainingDivergedError` before anything NaN is checkpointed.
+
+A workdir belongs to one run: its lock (:mod:`msad_jax.workdir`) keeps a second run out while one
+is running, and a run started again must agree with the first on everything that defines the
+result (:func:`run_identity`: the recipe, the data source with a fingerprint of a folder's files,
+the image size, the subsets); otherwise it stops with one line before writing anything. It may
+ask for more epochs: ``detector.npz`` and the reports always describe one checkpoint (its step is
+recorded, and that checkpoint is kept until they are rewritten).
 
 With ``config.normal_class = 'all'`` each class runs in ``<workdir>/class_<i>_<name>/`` and the
 per-class table (with the published numbers beside ours) goes to ``<workdir>/report.{md,csv}``.
@@ -46,9 +55,16 @@ import numpy as np
 import tqdm
 
 from msad_jax import distributed, evaluation, plots, reporting
-from msad_jax.checkpointing import CheckpointError, RunCheckpoints
+from msad_jax.checkpointing import (
+    CheckpointError,
+    DamagedCheckpointError,
+    RunCheckpoints,
+    non_finite_items,
+    tree_digest,
+)
 from msad_jax.config import ConfigError, validate_config
-from msad_jax.data import augment, pipeline, protocols, subsets, synthetic, transforms
+from msad_jax.data import augment, folders, pipeline, protocols, subsets, synthetic, transforms
+from msad_jax.errors import UserError
 from msad_jax.features import make_feature_extractor
 from msad_jax.metric_writer import MetricWriter
 from msad_jax.models import (
@@ -60,6 +76,7 @@ from msad_jax.models import (
 )
 from msad_jax.optimizer import make_optimizer
 from msad_jax.train_step import TrainState, make_train_step, pmap_train_step, replicate_state
+from msad_jax.workdir import WorkdirBusyError, WorkdirLock, check_workdir_path
 
 PyTree = Any
 logger = logging.getLogger(__name__)
@@ -85,12 +102,14 @@ RESUME_KEYS = (
     "crop",
     "resize_method",
 )
+SYNTHETIC_KEYS = ("synthetic_size", "synthetic_train", "synthetic_test")
 DETECTOR_FILE = "detector.npz"
 RUN_INFO_FILE = "run.json"
+DAMAGED_DIR = "damaged_checkpoints"
 
 
-class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class TrainingDivergedError(UserError, RuntimeError):
+    """The training loss, or the model's features, became NaN or infinite."""
 
 
 class _NullWriter:
@@ -246,14 +265,60 @@ def _train_state(host: dict[str, PyTree]) -> TrainState:
     )
 
 
-def _check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict) -> None:
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != config[k]]
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What makes a workdir's result what it is; a resumed run must agree on all of it.
+
+    The :data:`RESUME_KEYS`, ``image_size``, and the data source: the sizes of the synthetic
+    data; the TFDS data_dir; for ``folder``, the folder's absolute path and the fingerprint of
+    its files (:func:`msad_jax.data.folders.file_list_fingerprint`).
+    """
+    identity: dict[str, Any] = {key: config[key] for key in RESUME_KEYS}
+    identity["image_size"] = config.image_size
+    if config.dataset == "synthetic":
+        identity.update({key: config[key] for key in SYNTHETIC_KEYS})
+    elif config.dataset != "digits":
+        identity["data_dir"] = os.path.abspath(config.data_dir) if config.data_dir else ""
+    if config.dataset == "folder":
+        identity["data_files"] = folders.file_list_fingerprint(config.data_dir)
+    return identity
+
+
+def _saved_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The identity stored in a checkpoint's progress or in run.json (older runs: their config)."""
+    if "identity" in record:
+        return dict(record["identity"])
+    config = record.get("config", {})
+    return {key: config[key] for key in RESUME_KEYS if key in config}
+
+
+def _check_identity(saved: dict[str, Any], identity: dict[str, Any]) -> None:
+    changed = [k for k in identity if k in saved and saved[k] != identity[k]]
     if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {config[k]!r}" for k in changed)
-        raise CheckpointError(
-            f"The workdir holds a run with a different config ({details}); use a new --workdir "
-            "or the original settings."
+        details = ", ".join(
+            "the data folder's files (names or sizes)"
+            if k == "data_files"
+            else f"{k}: {saved[k]!r} -> {identity[k]!r}"
+            for k in changed
         )
+        raise CheckpointError(
+            f"The workdir holds a run with a different config ({details}); nothing was written. "
+            "Use a new --workdir, or the original settings and data."
+        )
+
+
+def _check_run_info(workdir: str, identity: dict[str, Any]) -> None:
+    """Compares with ``run.json`` of an earlier run in ``workdir``, before anything is written."""
+    path = os.path.join(workdir, RUN_INFO_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); use a new --workdir."
+        ) from err
+    _check_identity(_saved_identity(info), identity)
 
 
 @dataclasses.dataclass
@@ -299,16 +364,22 @@ class _Run:
 
     def evaluate(self, state: TrainState, *, center: bool = False) -> evaluation.Evaluation:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return evaluation.evaluate(
-            self.extractor,
-            variables,
-            self.data,
-            k=self.config.knn_k,
-            batch_size=self.config.eval_batch_size,
-            memory_budget_bytes=self.config.knn_memory_budget_mb * 2**20,
-            center=center,
-            normalize_center=self.config.angular,
-        )
+        try:
+            return evaluation.evaluate(
+                self.extractor,
+                variables,
+                self.data,
+                k=self.config.knn_k,
+                batch_size=self.config.eval_batch_size,
+                memory_budget_bytes=self.config.knn_memory_budget_mb * 2**20,
+                center=center,
+                normalize_center=self.config.angular,
+            )
+        except evaluation.NonFiniteFeaturesError as err:
+            step = int(jax.device_get(state.step[0]))
+            raise _diverged(
+                self, f"At step {step} the model's features became NaN ({err})"
+            ) from err
 
 
 def _log_eval(run: _Run, epoch: int, step: int, result: evaluation.Evaluation) -> dict[str, Any]:
@@ -324,15 +395,28 @@ def _log_eval(run: _Run, epoch: int, step: int, result: evaluation.Evaluation) -
     return record
 
 
+def _diverged(run: _Run, what: str) -> TrainingDivergedError:
+    last = run.checkpoints.latest_step()
+    return TrainingDivergedError(
+        f"{what}; stopped without saving it. The last good checkpoint (step {last}) is in "
+        f"{run.checkpoints.directory}. A resumed run must keep its settings, so start a new "
+        "--workdir with a lower config.learning_rate (and config.dtype='float32' if it was "
+        "bfloat16)."
+    )
+
+
 def _check_finite(records: Sequence[tuple[int, dict[str, float]]], run: _Run) -> None:
     for step, values in records:
         if not math.isfinite(values["loss"]):
-            last = run.checkpoints.latest_step()
-            raise TrainingDivergedError(
-                f"The training loss became {values['loss']} at step {step}; stopped without "
-                f"saving it. The last good checkpoint (step {last}) is in "
-                f"{run.checkpoints.directory}. Lower config.learning_rate or use float32."
-            )
+            raise _diverged(run, f"The training loss became {values['loss']} at step {step}")
+
+
+def _checked_host_state(run: _Run, state: TrainState, center: np.ndarray) -> dict[str, PyTree]:
+    """:func:`_host_state`, refusing parameters that are no longer finite."""
+    host = _host_state(state, center)
+    if non_finite_items(host):
+        raise _diverged(run, f"The parameters became NaN or infinite by step {int(host['step'])}")
+    return host
 
 
 def _epoch_batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
@@ -388,7 +472,7 @@ def _train_epoch(
             flush()
             run.checkpoints.save(
                 global_step,
-                _host_state(state, center),
+                _checked_host_state(run, state, center),
                 {
                     **progress,
                     "epoch": epoch,
@@ -400,8 +484,42 @@ def _train_epoch(
     return state, losses
 
 
-def _write_outputs(run: _Run, final: evaluation.Evaluation, history: list[dict[str, Any]]) -> dict:
-    """Report, plots and detector file of a finished class (written by process 0 only)."""
+def detector_arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """The digest ``detector.npz`` stores of its other arrays (:func:`tree_digest`)."""
+    return tree_digest({k: v for k, v in arrays.items() if k != "sha256"})
+
+
+def _write_atomically(path: str, write: Any, mode: str = "w") -> None:
+    """Writes ``path`` through a temporary file renamed over it (a kill leaves the old one)."""
+    temporary = f"{path}.tmp"
+    encoding = None if "b" in mode else "utf-8"
+    with open(temporary, mode, encoding=encoding) as handle:
+        write(handle)
+    os.replace(temporary, path)
+
+
+def _write_detector(path: str, arrays: dict[str, np.ndarray]) -> None:
+    arrays = {**arrays, "sha256": np.asarray(detector_arrays_digest(arrays))}
+    _write_atomically(path, lambda handle: np.savez(handle, **arrays), "wb")
+
+
+def recorded_detector_step(workdir: str) -> int | None:
+    """The checkpoint step ``<workdir>/detector.npz`` was built from (None: none recorded)."""
+    try:
+        with np.load(os.path.join(workdir, DETECTOR_FILE)) as saved:
+            return int(saved["checkpoint_step"]) if "checkpoint_step" in saved else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def _write_outputs(
+    run: _Run, final: evaluation.Evaluation, history: list[dict[str, Any]], step: int
+) -> dict:
+    """Report, plots and detector file of a finished class (written by process 0 only).
+
+    ``step`` is the checkpoint whose parameters gave ``final``; it is on disk before the detector
+    file names it.
+    """
     config, data = run.config, run.data
     train_scores = evaluation.leave_one_out_scores(
         final.gallery, config.knn_k, memory_budget_bytes=config.knn_memory_budget_mb * 2**20
@@ -422,22 +540,32 @@ def _write_outputs(run: _Run, final: evaluation.Evaluation, history: list[dict[s
         "history": history,
         "threshold": threshold,
         "threshold_quantile": config.threshold_quantile,
+        "checkpoint_step": step,
     }
+    run.checkpoints.wait()
     if not distributed.is_main_process():
         return report  # every process has the same report; process 0 writes it
-    np.savez(
+    _write_detector(
         os.path.join(run.workdir, DETECTOR_FILE),
-        gallery=final.gallery,
-        train_scores=train_scores,
-        test_scores=final.scores,
-        test_labels=final.labels,
-        threshold=np.asarray(threshold),
-        image_side=np.asarray(data.train_images.shape[1]),
+        {
+            "gallery": final.gallery,
+            "train_scores": train_scores,
+            "test_scores": final.scores,
+            "test_labels": final.labels,
+            "threshold": np.asarray(threshold),
+            "image_side": np.asarray(data.train_images.shape[1]),
+            "knn_k": np.asarray(config.knn_k),
+            "checkpoint_step": np.asarray(step),
+        },
     )
-    with open(os.path.join(run.workdir, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    with open(os.path.join(run.workdir, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write(_class_markdown(report))
+    _write_atomically(
+        os.path.join(run.workdir, "report.json"),
+        lambda handle: json.dump(report, handle, indent=2),
+    )
+    _write_atomically(
+        os.path.join(run.workdir, "report.md"),
+        lambda handle: handle.write(_class_markdown(report)),
+    )
     if config.plots:
         title = f"{config.dataset} class {data.normal_class} ({data.normal_class_name})"
         plots.plot_roc(final.labels, final.scores, os.path.join(run.workdir, "roc.png"), title)
@@ -488,17 +616,110 @@ def _class_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _check_enough_images(config: ml_collections.ConfigDict, data: protocols.OneClassData) -> None:
+    if len(data.train_images) <= config.knn_k:
+        raise ConfigError(
+            f"config.knn_k={config.knn_k} needs more than {config.knn_k} training images; this "
+            f"problem has {len(data.train_images)}: lower config.knn_k or use more images."
+        )
+
+
+def _initial_state(variables: dict[str, PyTree], tx: Any, seed: int) -> TrainState:
+    return TrainState(
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(variables["params"]),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(seed),
+    )
+
+
+def _template(fresh: TrainState, feature_dim: int) -> dict[str, PyTree]:
+    """The shape of the checkpointed state (what :func:`_host_state` returns)."""
+    return {
+        "params": fresh.params,
+        "batch_stats": fresh.batch_stats,
+        "opt_state": fresh.opt_state,
+        "step": np.zeros((), np.int32),
+        "rng": np.asarray(jax.random.key_data(fresh.rng)),
+        "center": np.zeros((feature_dim,), np.float32),
+    }
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def restore_newest_intact(
+    checkpoints: RunCheckpoints, template: dict[str, PyTree], identity: dict[str, Any], workdir: str
+) -> tuple[dict[str, PyTree], dict[str, Any]] | None:
+    """The newest intact checkpoint of this run, moving damaged ones aside; None if none is left.
+
+    Each checkpoint's record is compared with ``identity`` first (a different run is refused, not
+    moved). A damaged one is reported in one log line and moved to ``<workdir>/damaged_checkpoints``
+    (by process 0; every process then sees the same checkpoints).
+
+    Raises:
+      CheckpointError: a checkpoint of a different run or model.
+    """
+    damaged = 0
+    for step in reversed(checkpoints.all_steps()):
+        try:
+            _check_identity(_saved_identity(checkpoints.read_progress(step)), identity)
+            return checkpoints.restore(template, step)
+        except DamagedCheckpointError as err:
+            damaged += 1
+            if distributed.is_main_process():
+                moved = checkpoints.move_aside(step, os.path.join(workdir, DAMAGED_DIR))
+                logger.warning("%s; moved it to %s, trying the one before.", err, moved)
+            _sync_processes(f"msad_jax_moved_checkpoint_{step}")
+            checkpoints.reload()
+    if damaged:
+        logger.warning(
+            "No intact checkpoint is left in %s; starting afresh.", checkpoints.directory
+        )
+    return None
+
+
+def _write_run_info(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    prep: transforms.Preprocessing,
+    identity: dict[str, Any],
+) -> None:
+    info = {
+        "config": config.to_dict(),
+        "preprocessing": dataclasses.asdict(prep),
+        "identity": identity,
+    }
+    _write_atomically(
+        os.path.join(workdir, RUN_INFO_FILE), lambda handle: json.dump(info, handle, indent=2)
+    )
+
+
 def train_one_class(
     config: ml_collections.ConfigDict, workdir: str, normal_class: int
 ) -> dict[str, Any]:
     """Trains and evaluates with one normal class; resumes from ``workdir`` when possible.
 
+    Nothing is written to ``workdir`` before the run is known to be this workdir's run (or the
+    first one there).
+
     Returns:
       The report (also written to ``<workdir>/report.json``).
+
+    Raises:
+      CheckpointError: ``workdir`` holds a different run.
     """
     os.makedirs(workdir, exist_ok=True)
+    identity = run_identity(config)
+    _check_run_info(workdir, identity)
     data = load_data(config, normal_class)
     logger.info("%s", data.summary())
+    _check_enough_images(config, data)
     model, variables, spec = model_and_variables(config)
     prep = preprocessing_for(config, spec)
     frozen = frozen_patterns(config, spec)
@@ -524,58 +745,53 @@ def train_one_class(
         frozen=frozen,
     )
     steps_per_epoch, total_steps = training_steps(config, len(data.train_images))
-    run = _Run(
-        config=config,
-        workdir=workdir,
-        data=data,
-        model=model,
-        extractor=make_feature_extractor(model, transforms.make_preprocess_fn(prep)),
-        step_fn=pmap_train_step(step),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        writer=MetricWriter(workdir) if distributed.is_main_process() else _NullWriter(),
-        checkpoints=RunCheckpoints(
-            os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
-        ),
+    fresh = _initial_state(variables, tx, config.seed)
+    detector_step = recorded_detector_step(workdir)
+    checkpoints = RunCheckpoints(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        keep_steps=() if detector_step is None else (detector_step,),
     )
-    if distributed.is_main_process():
-        with open(os.path.join(workdir, RUN_INFO_FILE), "w", encoding="utf-8") as handle:
-            json.dump(
-                {"config": config.to_dict(), "preprocessing": dataclasses.asdict(prep)},
-                handle,
-                indent=2,
-            )
+    writer: MetricWriter | _NullWriter = _NullWriter()
     try:
-        return _train_and_report(run, variables, tx)
+        resumed = restore_newest_intact(
+            checkpoints, _template(fresh, model.feature_dim), identity, workdir
+        )
+        if distributed.is_main_process():
+            resume_step = None if resumed is None else int(resumed[0]["step"])
+            writer = MetricWriter(workdir, resume_step=resume_step)
+            _write_run_info(workdir, config, prep, identity)
+        run = _Run(
+            config=config,
+            workdir=workdir,
+            data=data,
+            model=model,
+            extractor=make_feature_extractor(model, transforms.make_preprocess_fn(prep)),
+            step_fn=pmap_train_step(step),
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            writer=writer,
+            checkpoints=checkpoints,
+        )
+        return _train_and_report(run, fresh, resumed, identity)
     finally:
-        run.checkpoints.close()
-        run.writer.close()
+        checkpoints.close()
+        writer.close()
 
 
-def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[str, Any]:
+def _train_and_report(
+    run: _Run,
+    fresh: TrainState,
+    resumed: tuple[dict[str, PyTree], dict[str, Any]] | None,
+    identity: dict[str, Any],
+) -> dict[str, Any]:
     config = run.config
-    fresh = TrainState(
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(variables["params"]),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key(config.seed),
-    )
-    template = {
-        "params": fresh.params,
-        "batch_stats": fresh.batch_stats,
-        "opt_state": fresh.opt_state,
-        "step": np.zeros((), np.int32),
-        "rng": np.asarray(jax.random.key_data(fresh.rng)),
-        "center": np.zeros((run.model.feature_dim,), np.float32),
-    }
-    latest = run.checkpoints.latest_step()
-    if latest is not None:
-        host, progress = run.checkpoints.restore(template)
-        _check_resume_config(progress["config"], config)
-        logger.info("Resuming from step %d (epoch %d).", latest, progress["epoch"])
+    if resumed is not None:
+        host, progress = resumed
+        logger.info("Resuming from step %d (epoch %d).", int(host["step"]), progress["epoch"])
         state = replicate_state(_train_state(host))
         center_host = host["center"]
+        progress = {**progress, "config": config.to_dict(), "identity": identity}
     else:
         state = replicate_state(fresh)
         t0 = time.perf_counter()
@@ -588,10 +804,11 @@ def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[
             "step_in_epoch": 0,
             "history": [record],
             "config": config.to_dict(),
+            "identity": identity,
         }
-        run.checkpoints.save(0, _host_state(state, center_host), progress)
+        run.checkpoints.save(0, _checked_host_state(run, state, center_host), progress)
         if run.total_steps == 0:
-            return _write_outputs(run, result, progress["history"])
+            return _write_outputs(run, result, progress["history"], 0)
     center = jnp.asarray(center_host)
     history: list[dict[str, Any]] = progress["history"]
     epoch, start = progress["epoch"], progress["step_in_epoch"]
@@ -628,10 +845,10 @@ def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[
                 "history": history,
                 "epoch_losses": [],
             }
-            run.checkpoints.save(steps_done, _host_state(state, center_host), progress)
+            run.checkpoints.save(steps_done, _checked_host_state(run, state, center_host), progress)
     if final is None:  # resumed after the last epoch finished, or no training steps
         final = run.evaluate(state)
-    return _write_outputs(run, final, history)
+    return _write_outputs(run, final, history, int(jax.device_get(state.step[0])))
 
 
 def _class_dir(workdir: str, index: int, name: str) -> str:
@@ -652,9 +869,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     validate_config(config)
     workdir = os.path.abspath(workdir)
+    check_workdir_path(workdir)
     classes = normal_classes(config)
-    if str(config.normal_class) != "all":
-        return train_one_class(config, workdir, classes[0])
+    os.makedirs(workdir, exist_ok=True)
+    lock = _lock_workdir(workdir)
+    try:
+        if str(config.normal_class) != "all":
+            return train_one_class(config, workdir, classes[0])
+        return _train_all_classes(config, workdir, classes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_workdir(workdir: str) -> WorkdirLock | None:
+    """Takes the workdir lock on process 0 (others learn whether it succeeded)."""
+    lock, error = None, None
+    if distributed.is_main_process():
+        lock = WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except WorkdirBusyError as err:
+            error = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        taken = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not int(taken) and error is None:
+            error = WorkdirBusyError(
+                f"Process 0 could not take the lock of {workdir}: another run is using it."
+            )
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train_all_classes(
+    config: ml_collections.ConfigDict, workdir: str, classes: list[int]
+) -> dict[str, Any]:
     names = class_names(config)
     reports = []
     for index in classes:
@@ -687,6 +939,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             config.dataset, results, os.path.join(workdir, "report"), backbone=config.backbone
         )
         summary.update(report_markdown=md_path.name, report_csv=csv_path.name)
-        with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
+        _write_atomically(
+            os.path.join(workdir, "report.json"),
+            lambda handle: json.dump(summary, handle, indent=2),
+        )
     return summary

@@ -33,12 +33,13 @@ import flax
 import numpy as np
 import tqdm
 
+from msad_jax.errors import UserError
 from msad_jax.models import weight_files
 
 _CHUNK = 1 << 20
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """Pretrained weights are missing, cannot be downloaded, or fail verification."""
 
 
