@@ -17,7 +17,8 @@ writes the folder ``OUT`` with two files:
   rate and calibration scores (to pick another rate), the preprocessing, the sha256 of the
   serialised function, and how to call it.
 
-Loading needs jax alone (no msad_jax, Flax or orbax)::
+Loading needs jax alone (no msad_jax, Flax or orbax; ``jax.export`` reads the file with the
+``flatbuffers`` package, so ``pip install jax flatbuffers``)::
 
     import json, numpy as np
     from jax import export
@@ -29,8 +30,8 @@ Loading needs jax alone (no msad_jax, Flax or orbax)::
 Image files are the caller's to decode (e.g. ``np.asarray(PIL.Image.open(f))``); the detector's
 own file path fits them with Pillow while decoding (see :mod:`msad_jax.detector`), which can
 differ by a grey level per pixel. The function is lowered for CPU by default
-(``--platforms=cpu,cuda,tpu`` adds others; only CPU execution is tested here). A TensorFlow
-SavedModel is not offered: it could not be tested here (no TensorFlow).
+(``--platforms=cpu,cuda,tpu`` adds others; only CPU execution is tested). A TensorFlow
+SavedModel (jax2tf) is not offered: it is untested.
 """
 
 from __future__ import annotations

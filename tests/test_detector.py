@@ -234,6 +234,18 @@ def test_exported_scorer_scores_like_the_detector_in_a_fresh_process(run, detect
     assert len(metadata["calibration_scores"]) == 64
 
 
+def test_export_for_several_platforms_runs_on_cpu(detector, tmp_path):
+    from jax import export
+
+    metadata = detector.export(tmp_path / "multi", platforms=("cpu", "cuda", "tpu"))
+    assert metadata["platforms"] == ["cpu", "cuda", "tpu"]
+    blob = (tmp_path / "multi" / "scorer.jax_exported").read_bytes()
+    scorer = export.deserialize(bytearray(blob))
+    images = train.load_data(smoke_config(), 0).test_images[:3]
+    got = np.asarray(scorer.call(images))
+    np.testing.assert_allclose(got, detector.score(images), rtol=1e-5)
+
+
 def test_export_refuses_to_overwrite(detector, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
