@@ -23,7 +23,6 @@ it), after which the previous checkpoint is the newest.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -32,7 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from msad_jax.errors import UserError
+from msad_jax.digest import tree_digest
+from msad_jax.errors import CheckpointError, DamagedCheckpointError
 
 PyTree = Any
 
@@ -44,52 +44,16 @@ FINITE_ITEMS = ("params", "batch_stats", "center")
 # files OSErrors, a missing tree entry a KeyError.
 READ_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, EOFError)
 
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint cannot be used for this run; the message says what to do."""
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A checkpoint's files are unreadable, differ from what was saved, or hold NaN/inf.
-
-    Attributes:
-      step: the checkpoint's step.
-      folder: the checkpoint's folder.
-    """
-
-    def __init__(self, message: str, *, step: int, folder: str):
-        super().__init__(message)
-        self.step = step
-        self.folder = folder
-
-
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
-def _leaf_bytes(leaf: Any) -> np.ndarray:
-    array = np.ascontiguousarray(np.asarray(leaf))
-    return array.reshape(-1).view(np.uint8)
-
-
-def tree_digest(tree: PyTree) -> str:
-    """sha256 of a pytree's arrays: names, dtypes, shapes and bytes, in a fixed leaf order.
-
-    Leaves are ordered by their path of key names (dict keys, attribute names, sequence
-    indices), so the digest does not depend on the container types: a tree restored without a
-    template (namedtuples read back as dicts) has the digest of the tree that was saved.
-    """
-    named = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        named.append(("/".join(_key_name(k) for k in path), np.asarray(leaf)))
-    digest = hashlib.sha256()
-    for name, array in sorted(named, key=lambda item: item[0]):
-        digest.update(f"{name}|{array.dtype.str}|{array.shape};".encode())
-        digest.update(_leaf_bytes(array))
-    return digest.hexdigest()
+__all__ = [
+    "DIGEST_KEY",
+    "FINITE_ITEMS",
+    "READ_ERRORS",
+    "CheckpointError",
+    "DamagedCheckpointError",
+    "RunCheckpoints",
+    "non_finite_items",
+    "tree_digest",
+]
 
 
 def non_finite_items(state: Mapping[str, PyTree], items: Iterable[str] = FINITE_ITEMS) -> list[str]:

@@ -34,6 +34,24 @@ class MissingDependencyError(UserError, ImportError):
     """An optional package is needed for what was asked."""
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or detector file cannot be used for this run; the message says what to do."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint's files are unreadable, differ from what was saved, or hold NaN/inf.
+
+    Attributes:
+      step: the checkpoint's step.
+      folder: the checkpoint's folder.
+    """
+
+    def __init__(self, message: str, *, step: int, folder: str):
+        super().__init__(message)
+        self.step = step
+        self.folder = folder
+
+
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (its type name when it has none)."""
     return " ".join(str(err).split()) or type(err).__name__

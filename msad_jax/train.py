@@ -54,15 +54,14 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from msad_jax import distributed, evaluation, plots, reporting
+from msad_jax import calibration, distributed, evaluation, knn, plots, reporting
 from msad_jax.checkpointing import (
     CheckpointError,
     DamagedCheckpointError,
     RunCheckpoints,
     non_finite_items,
-    tree_digest,
 )
-from msad_jax.config import ConfigError, validate_config
+from msad_jax.config import ConfigError, compute_dtype, validate_config
 from msad_jax.data import augment, folders, pipeline, protocols, subsets, synthetic, transforms
 from msad_jax.errors import UserError
 from msad_jax.features import make_feature_extractor
@@ -75,6 +74,12 @@ from msad_jax.models import (
     load_pretrained,
 )
 from msad_jax.optimizer import make_optimizer
+from msad_jax.run_files import (
+    DETECTOR_FILE,
+    RUN_INFO_FILE,
+    flatten_variables,
+    write_detector_file,
+)
 from msad_jax.train_step import TrainState, make_train_step, pmap_train_step, replicate_state
 from msad_jax.workdir import WorkdirBusyError, WorkdirLock, check_workdir_path
 
@@ -101,10 +106,9 @@ RESUME_KEYS = (
     "resize",
     "crop",
     "resize_method",
+    "calibration_holdout",
 )
 SYNTHETIC_KEYS = ("synthetic_size", "synthetic_train", "synthetic_test")
-DETECTOR_FILE = "detector.npz"
-RUN_INFO_FILE = "run.json"
 DAMAGED_DIR = "damaged_checkpoints"
 
 
@@ -149,11 +153,6 @@ def frozen_patterns(config: ml_collections.ConfigDict, spec: BackboneSpec) -> tu
     if config.frozen == "default":
         return spec.frozen
     return tuple(p.strip() for p in config.frozen.split(",") if p.strip())
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
-    """The model's compute dtype."""
-    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -284,11 +283,17 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _saved_identity(record: dict[str, Any]) -> dict[str, Any]:
-    """The identity stored in a checkpoint's progress or in run.json (older runs: their config)."""
+    """The identity stored in a checkpoint's progress or in run.json (older runs: their config).
+
+    Runs of versions without ``calibration_holdout`` held out no training images.
+    """
     if "identity" in record:
-        return dict(record["identity"])
-    config = record.get("config", {})
-    return {key: config[key] for key in RESUME_KEYS if key in config}
+        identity = dict(record["identity"])
+    else:
+        config = record.get("config", {})
+        identity = {key: config[key] for key in RESUME_KEYS if key in config}
+    identity.setdefault("calibration_holdout", 0.0)
+    return identity
 
 
 def _check_identity(saved: dict[str, Any], identity: dict[str, Any]) -> None:
@@ -354,6 +359,7 @@ class _Run:
     config: ml_collections.ConfigDict
     workdir: str
     data: protocols.OneClassData
+    holdout_images: np.ndarray  # normal training images held out for calibration (may be empty)
     model: Any
     extractor: Any
     step_fn: Any
@@ -484,11 +490,6 @@ def _train_epoch(
     return state, losses
 
 
-def detector_arrays_digest(arrays: dict[str, np.ndarray]) -> str:
-    """The digest ``detector.npz`` stores of its other arrays (:func:`tree_digest`)."""
-    return tree_digest({k: v for k, v in arrays.items() if k != "sha256"})
-
-
 def _write_atomically(path: str, write: Any, mode: str = "w") -> None:
     """Writes ``path`` through a temporary file renamed over it (a kill leaves the old one)."""
     temporary = f"{path}.tmp"
@@ -496,11 +497,6 @@ def _write_atomically(path: str, write: Any, mode: str = "w") -> None:
     with open(temporary, mode, encoding=encoding) as handle:
         write(handle)
     os.replace(temporary, path)
-
-
-def _write_detector(path: str, arrays: dict[str, np.ndarray]) -> None:
-    arrays = {**arrays, "sha256": np.asarray(detector_arrays_digest(arrays))}
-    _write_atomically(path, lambda handle: np.savez(handle, **arrays), "wb")
 
 
 def recorded_detector_step(workdir: str) -> int | None:
@@ -512,19 +508,64 @@ def recorded_detector_step(workdir: str) -> int | None:
         return None
 
 
+def _calibration_scores(
+    run: _Run, variables: PyTree, gallery: np.ndarray, train_scores: np.ndarray
+) -> tuple[str, np.ndarray]:
+    """``(method, scores)`` of the normal images the threshold is calibrated on.
+
+    The held-out normal training images (scored against the gallery by the final model) when
+    there are any, else the gallery's leave-one-out scores.
+    """
+    if not len(run.holdout_images):
+        return calibration.LEAVE_ONE_OUT, train_scores
+    config = run.config
+    phi = evaluation.features_of(
+        run.extractor, variables, run.holdout_images, batch_size=config.eval_batch_size
+    )
+    try:
+        evaluation.check_finite_features(phi, "held-out normal training images")
+    except evaluation.NonFiniteFeaturesError as err:
+        raise _diverged(run, f"The model's features became NaN ({err})") from err
+    budget = config.knn_memory_budget_mb * 2**20
+    scores = knn.knn_scores(gallery, phi, config.knn_k, memory_budget_bytes=budget)
+    return calibration.HOLDOUT, np.asarray(scores, np.float64)
+
+
+def _threshold_report(
+    method: str, scores: np.ndarray, fpr: float, threshold: float, final: evaluation.Evaluation
+) -> dict[str, Any]:
+    """The threshold's part of the report: how it was set and what it flags on the test images."""
+    labels = np.asarray(final.labels)
+    return {
+        "target_fpr": fpr,
+        "method": method,
+        "calibration_images": len(scores),
+        "threshold": threshold,
+        "test_fpr": calibration.flag_rate(final.scores[labels == 0], threshold),
+        "test_recall": calibration.flag_rate(final.scores[labels == 1], threshold),
+    }
+
+
 def _write_outputs(
-    run: _Run, final: evaluation.Evaluation, history: list[dict[str, Any]], step: int
+    run: _Run,
+    final: evaluation.Evaluation,
+    history: list[dict[str, Any]],
+    step: int,
+    state: TrainState,
 ) -> dict:
     """Report, plots and detector file of a finished class (written by process 0 only).
 
-    ``step`` is the checkpoint whose parameters gave ``final``; it is on disk before the detector
-    file names it.
+    ``step`` is the checkpoint whose parameters gave ``final`` (``state``, replicated); it is on
+    disk before the detector file names it.
     """
     config, data = run.config, run.data
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     train_scores = evaluation.leave_one_out_scores(
         final.gallery, config.knn_k, memory_budget_bytes=config.knn_memory_budget_mb * 2**20
     )
-    threshold = float(np.quantile(train_scores, config.threshold_quantile))
+    method, calibration_scores = _calibration_scores(run, variables, final.gallery, train_scores)
+    fpr = float(config.threshold_fpr)
+    threshold = calibration.threshold_at_fpr(calibration_scores, fpr)
     evals = [h for h in history if "auroc" in h]
     report = {
         "dataset": config.dataset,
@@ -539,23 +580,29 @@ def _write_outputs(
         "final": dict(final.metrics),
         "history": history,
         "threshold": threshold,
-        "threshold_quantile": config.threshold_quantile,
+        "threshold_quantile": 1.0 - fpr,  # the name of earlier versions, for their readers
+        "calibration": _threshold_report(method, calibration_scores, fpr, threshold, final),
         "checkpoint_step": step,
     }
     run.checkpoints.wait()
     if not distributed.is_main_process():
         return report  # every process has the same report; process 0 writes it
-    _write_detector(
+    host_variables = jax.device_get(jax.tree.map(lambda x: x[0], variables))
+    write_detector_file(
         os.path.join(run.workdir, DETECTOR_FILE),
         {
             "gallery": final.gallery,
             "train_scores": train_scores,
+            "calibration_scores": calibration_scores,
+            "calibration": np.asarray(method),
+            "target_fpr": np.asarray(fpr),
             "test_scores": final.scores,
             "test_labels": final.labels,
             "threshold": np.asarray(threshold),
             "image_side": np.asarray(data.train_images.shape[1]),
             "knn_k": np.asarray(config.knn_k),
             "checkpoint_step": np.asarray(step),
+            **flatten_variables(host_variables),
         },
     )
     _write_atomically(
@@ -588,6 +635,19 @@ def _write_outputs(
     return report
 
 
+def _threshold_markdown(calibrated: dict[str, Any]) -> str:
+    source = {
+        calibration.LEAVE_ONE_OUT: "leave-one-out scores of the {n} normal training images",
+        calibration.HOLDOUT: "{n} normal training images held out from training and gallery",
+    }[calibrated["method"]].format(n=calibrated["calibration_images"])
+    return (
+        f"Threshold {calibrated['threshold']:.6g}, set for a false-positive rate of "
+        f"{100 * calibrated['target_fpr']:.3g}% from the {source}. On the test images it flags "
+        f"{100 * calibrated['test_fpr']:.2f}% of the normal ones (false positives) and "
+        f"{100 * calibrated['test_recall']:.2f}% of the anomalous ones."
+    )
+
+
 def _class_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# {report['dataset']}: normal class {report['normal_class']} ({report['class_name']})",
@@ -607,20 +667,44 @@ def _class_markdown(report: dict[str, Any]) -> str:
             f"| {h['epoch']} | {100 * h['auroc']:.2f} | {100 * h['average_precision']:.2f} | "
             f"{100 * h['fpr_at_95_tpr']:.2f} | {loss} |"
         )
-    lines += [
-        "",
-        f"Threshold ({report['threshold_quantile']} quantile of leave-one-out training "
-        f"scores): {report['threshold']:.6g}.",
-        "",
-    ]
+    lines += ["", _threshold_markdown(report["calibration"]), ""]
     return "\n".join(lines)
 
 
-def _check_enough_images(config: ml_collections.ConfigDict, data: protocols.OneClassData) -> None:
+def split_holdout(
+    config: ml_collections.ConfigDict, data: protocols.OneClassData
+) -> tuple[protocols.OneClassData, np.ndarray]:
+    """``(data without the held-out images, held-out images)`` for ``config.calibration_holdout``.
+
+    A seeded fraction of the normal training images is kept out of training and of the gallery,
+    to calibrate the threshold on (none when the fraction is 0).
+    """
+    if not config.calibration_holdout:
+        return data, data.train_images[:0]
+    keep, held = calibration.holdout_split(
+        len(data.train_images), config.calibration_holdout, config.seed
+    )
+    kept = dataclasses.replace(data, train_images=data.train_images[keep])
+    return kept, data.train_images[held]
+
+
+def _check_enough_images(
+    config: ml_collections.ConfigDict, data: protocols.OneClassData, held_out: int
+) -> None:
     if len(data.train_images) <= config.knn_k:
         raise ConfigError(
             f"config.knn_k={config.knn_k} needs more than {config.knn_k} training images; this "
             f"problem has {len(data.train_images)}: lower config.knn_k or use more images."
+        )
+    calibrating = held_out or len(data.train_images)
+    needed = calibration.min_calibration_scores(config.threshold_fpr)
+    if calibrating < needed:
+        what = "held-out" if held_out else "training"
+        raise ConfigError(
+            f"config.threshold_fpr={config.threshold_fpr} needs at least {needed} {what} normal "
+            f"images to set the threshold from; this run has {calibrating}: raise "
+            "config.threshold_fpr"
+            + (" or config.calibration_holdout." if held_out else " or use more images.")
         )
 
 
@@ -717,9 +801,13 @@ def train_one_class(
     os.makedirs(workdir, exist_ok=True)
     identity = run_identity(config)
     _check_run_info(workdir, identity)
-    data = load_data(config, normal_class)
+    data, holdout_images = split_holdout(config, load_data(config, normal_class))
     logger.info("%s", data.summary())
-    _check_enough_images(config, data)
+    if len(holdout_images):
+        logger.info(
+            "%d normal training images held out to calibrate the threshold.", len(holdout_images)
+        )
+    _check_enough_images(config, data, len(holdout_images))
     model, variables, spec = model_and_variables(config)
     prep = preprocessing_for(config, spec)
     frozen = frozen_patterns(config, spec)
@@ -765,6 +853,7 @@ def train_one_class(
             config=config,
             workdir=workdir,
             data=data,
+            holdout_images=holdout_images,
             model=model,
             extractor=make_feature_extractor(model, transforms.make_preprocess_fn(prep)),
             step_fn=pmap_train_step(step),
@@ -808,7 +897,7 @@ def _train_and_report(
         }
         run.checkpoints.save(0, _checked_host_state(run, state, center_host), progress)
         if run.total_steps == 0:
-            return _write_outputs(run, result, progress["history"], 0)
+            return _write_outputs(run, result, progress["history"], 0, state)
     center = jnp.asarray(center_host)
     history: list[dict[str, Any]] = progress["history"]
     epoch, start = progress["epoch"], progress["step_in_epoch"]
@@ -848,7 +937,7 @@ def _train_and_report(
             run.checkpoints.save(steps_done, _checked_host_state(run, state, center_host), progress)
     if final is None:  # resumed after the last epoch finished, or no training steps
         final = run.evaluate(state)
-    return _write_outputs(run, final, history, int(jax.device_get(state.step[0])))
+    return _write_outputs(run, final, history, int(jax.device_get(state.step[0])), state)
 
 
 def _class_dir(workdir: str, index: int, name: str) -> str:

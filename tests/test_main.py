@@ -217,7 +217,9 @@ def test_missing_weights_offline_say_where_to_put_them(tmp_path):
     _assert_one_line_error(proc, "resnet18-f37072fd.pth", str(tmp_path / "cache"))
 
 
-def test_damaged_checkpoint_is_never_scored_and_training_resumes_before_it(tmp_path, smoke_run):
+def test_damaged_checkpoint_leaves_scoring_alone_and_training_resumes_before_it(
+    tmp_path, smoke_run
+):
     import shutil
 
     workdir = tmp_path / "damaged"
@@ -233,9 +235,11 @@ def test_damaged_checkpoint_is_never_scored_and_training_resumes_before_it(tmp_p
     from PIL import Image
 
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(images / "grey.png")
+    # The detector file carries the parameters it was built with: scoring reads no checkpoint.
     scored = _run("-m", "msad_jax.score", "--workdir", str(workdir), str(images))
-    _assert_one_line_error(scored, folder, "is damaged", "run the training again")
-    assert "normal" not in scored.stdout
+    undamaged = _run("-m", "msad_jax.score", "--workdir", str(smoke_run[0]), str(images))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert scored.stdout.split("\t")[1:] == undamaged.stdout.split("\t")[1:]
 
     resumed = _main(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
