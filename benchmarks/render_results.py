@@ -74,6 +74,27 @@ def _demo() -> str:
     return demo_digits.markdown(demo_digits.read_records(RESULTS / "demo"))
 
 
+def _huge_images_memory() -> str:
+    import huge_images_memory
+
+    return huge_images_memory.markdown(records.read_json(RESULTS / "huge_images_memory.json"))
+
+
+def _threshold_calibration() -> str:
+    import threshold_calibration
+
+    return threshold_calibration.render(records.read_json(RESULTS / "threshold_calibration.json"))
+
+
+def _vit_backbones() -> str:
+    import vit_backbones
+
+    found = vit_backbones.load_records()
+    if not found:
+        raise FileNotFoundError("No records in benchmarks/results/vit_backbones/.")
+    return vit_backbones.render(found)
+
+
 def pages() -> dict[str, Callable[[], str]]:
     """Every generated page (path relative to ``benchmarks/results/``) and how to render it."""
     return {
@@ -97,6 +118,9 @@ def pages() -> dict[str, Callable[[], str]]:
         "conditioning_cone.md": _module_markdown("conditioning_cone", "conditioning_cone"),
         "knn.md": _module_markdown("knn_benchmark", "knn"),
         "augment_throughput.md": _module_markdown("augment_throughput", "augment_throughput"),
+        "huge_images_memory.md": _huge_images_memory,
+        "threshold_calibration.md": _threshold_calibration,
+        "vit_backbones.md": _vit_backbones,
     }
 
 
