@@ -85,7 +85,9 @@ SETTINGS = {
             (),
             DIGITS,
             True,
-            "convolutions by Eigen instead of YNNPACK (other kernels, other rounding)",
+            "convolutions by Eigen instead of YNNPACK (other kernels, other rounding); the option "
+            "`--cpu_eigen_convolutions` of `msad_jax.main` (commit d1c9a97) puts "
+            f"`{EIGEN_CONVOLUTIONS}` in `XLA_FLAGS`: both forms run the same kernels",
             xla_flags=EIGEN_CONVOLUTIONS,
         ),
         Setting(
@@ -207,6 +209,13 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def recorded_options(record: dict[str, Any]) -> str:
+    """The options a run added to the demo command, as its record states them."""
+    words = record["command"].split()
+    after = words.index("--workdir") + 2 if "--workdir" in words else len(words)
+    return " ".join(words[after:])
+
+
 def _by_setting(found: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
     table: dict[str, dict[int, dict[str, Any]]] = {}
     for record in found:
@@ -255,18 +264,22 @@ def markdown(found: Sequence[dict[str, Any]]) -> str:
         f"python -m msad_jax.main --config {CONFIG} --config.normal_class=N --workdir DIR",
         "```",
         "",
-        "plus the options of its setting:",
+        "plus the options and the `XLA_FLAGS` of its setting, as each run's record states them:",
         "",
         "| setting | options | XLA_FLAGS | what differs | runs |",
         "|---|---|---|---|---|",
     ]
     for name in [*numerics, *variants]:
-        setting = SETTINGS[name]
-        lines.append(
-            f"| `{name}` | {' '.join(f'`{o}`' for o in setting.options) or '--'} | "
-            f"{f'`{setting.xla_flags}`' if setting.xla_flags else '--'} | "
-            f"{setting.description} | {len(table[name])} |"
-        )
+        forms: dict[tuple[str, str], int] = {}
+        for record in table[name].values():
+            form = (recorded_options(record), record["xla_flags"])
+            forms[form] = forms.get(form, 0) + 1
+        for (options, xla_flags), count in sorted(forms.items()):
+            lines.append(
+                f"| `{name}` | {' '.join(f'`{o}`' for o in options.split()) or '--'} | "
+                f"{f'`{xla_flags}`' if xla_flags else '--'} | "
+                f"{SETTINGS[name].description} | {count} |"
+            )
     lines += ["", "## ROC-AUC % per digit (one-class, kNN k = 2)", ""]
     header = ["digit", "train images"]
     for name in numerics:

@@ -45,6 +45,9 @@ def _record(setting, digit, pretrained, final):
     return {
         "setting": setting,
         "digit": digit,
+        "command": f"python -m msad_jax.main --config configs/demo.py "
+        f"--config.normal_class={digit} --workdir {digit}",
+        "xla_flags": "",
         "counts": {"train": 120, "test": 599},
         "pretrained": {"auroc": pretrained, **metrics},
         "final": {"auroc": final, **metrics},
@@ -73,6 +76,23 @@ def test_demo_report_states_the_spread_between_settings():
     )
     assert "pretrained kNN: largest difference on one digit 0.00 points" in text
     assert "commit 0123456789, clean tree" in text
+
+
+def test_demo_report_lists_each_recorded_form_of_a_setting():
+    found = [_record("eigen_convolutions", d, 0.9, 0.9) for d in range(3)]
+    found[0]["command"] += " --cpu_eigen_convolutions"
+    for record in found[1:]:
+        record["xla_flags"] = demo_digits.EIGEN_CONVOLUTIONS
+    assert demo_digits.recorded_options(found[0]) == "--cpu_eigen_convolutions"
+    assert demo_digits.recorded_options(found[1]) == ""
+    text = demo_digits.markdown(found)
+    rows = [line for line in text.splitlines() if line.startswith("| `eigen_convolutions` | ")]
+    rows = rows[:-1]  # the last one is the time table's
+    assert len(rows) == 2, rows
+    assert rows[0].startswith("| `eigen_convolutions` | -- | `--xla_cpu_")
+    assert rows[0].endswith(" 2 |")
+    assert rows[1].startswith("| `eigen_convolutions` | `--cpu_eigen_convolutions` | -- |")
+    assert rows[1].endswith(" 1 |")
 
 
 def test_demo_report_needs_records():
