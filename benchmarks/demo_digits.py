@@ -34,6 +34,7 @@ import json
 import os
 import pathlib
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -237,7 +238,7 @@ def _spread_lines(
         worst = max(range(len(digits)), key=lambda i: spreads[i])
         lines.append(
             f"- {title}: largest difference on one digit {100 * spreads[worst]:.2f} points "
-            f"(digit {digits[worst]}), median {100 * sorted(spreads)[len(spreads) // 2]:.2f}; "
+            f"(digit {digits[worst]}), median {100 * statistics.median(spreads):.2f}; "
             f"digits that differ at all: {sum(s > 0 for s in spreads)} of {len(digits)}; "
             f"means over the {len(digits)} digits "
             + " vs ".join(f"{_pct(m)}% ({s})" for m, s in zip(means, numerics, strict=True))
@@ -357,8 +358,8 @@ def markdown(found: Sequence[dict[str, Any]]) -> str:
         cpus = sorted(r["cpu_s"] for r in runs)
         loads = [r["load_1min"]["start"] for r in runs]
         lines.append(
-            f"| `{name}` | {len(runs)} | {walls[len(walls) // 2]:.0f} ({walls[0]:.0f}-"
-            f"{walls[-1]:.0f}) | {cpus[len(cpus) // 2]:.0f} | "
+            f"| `{name}` | {len(runs)} | {statistics.median(walls):.0f} ({walls[0]:.0f}-"
+            f"{walls[-1]:.0f}) | {statistics.median(cpus):.0f} | "
             f"{max(r['peak_rss_mib'] for r in runs):.0f} | {min(loads):.1f}-{max(loads):.1f} |"
         )
     machines = sorted(
