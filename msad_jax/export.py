@@ -239,15 +239,13 @@ def main(argv: list[str]) -> None:
     )
 
 
-def _help_requested(argv: list[str]) -> bool:
-    return any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:])
-
-
 if __name__ == "__main__":
+    from msad_jax.console import parse_absl_flags, wants_help
+
     _define_flags()
-    if _help_requested(sys.argv):  # absl's --help exits with status 1
+    if wants_help(sys.argv):  # the module's summary and usage, then its flags; exit status 0
         print(__doc__.split("\n\n")[0])
         print("\nUsage: python -m msad_jax.export --workdir W [--format stablehlo] OUT\n")
         print(flags.FLAGS.module_help(sys.modules[__name__]))
         sys.exit(0)
-    app.run(main)
+    app.run(main, flags_parser=parse_absl_flags)

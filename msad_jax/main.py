@@ -85,9 +85,15 @@ def _check_config_file(argv: list[str]) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """Parses flags; a bad override or config file ends with one line and exit status 1."""
+    """Parses flags; a bad override or config file ends with one line and exit status 1.
+
+    ``--help`` prints the usage and exits with status 0.
+    """
+    from msad_jax import console
     from msad_jax.config import check_keys
 
+    if console.wants_help(argv):
+        return console.parse_absl_flags(argv)
     overrides = [a[len("--config.") :].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     try:
         check_keys(key.split(".")[0] for key in overrides)
@@ -103,7 +109,7 @@ def main(argv: list[str]) -> None:
     """Runs :func:`msad_jax.train.train_and_evaluate` with the parsed config."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from msad_jax import distributed
+    from msad_jax import console, distributed
     from msad_jax.errors import user_errors
 
     if _CPU_EIGEN_CONVOLUTIONS.value:
@@ -120,9 +126,8 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # quiet libraries (orbax logs every save at INFO)
     main_process = distributed.is_main_process()
-    std_logging.getLogger("msad_jax").setLevel(
-        std_logging.INFO if main_process else std_logging.WARNING
-    )
+    # The library's lines go through tqdm.write: they never land on the progress bar.
+    console.log_to_console(level=std_logging.INFO if main_process else std_logging.WARNING)
     with user_errors():
         result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if not main_process:

@@ -98,10 +98,17 @@ _LEGACY_MAGIC_TEXT = b"L%dL\n" % _LEGACY_MAGIC_NUMBER
 
 
 def _to_native(array: np.ndarray, byteorder: str) -> np.ndarray:
-    """Returns ``array`` (whose bytes are in ``byteorder``) reinterpreted in host byte order."""
-    if byteorder != sys.byteorder and array.dtype.itemsize > 1:
-        return array.byteswap()
-    return array
+    """Returns ``array`` (whose bytes are in ``byteorder``) reinterpreted in host byte order.
+
+    ml_dtypes' types (bfloat16; NumPy kind 'V') are swapped through an unsigned integer view of
+    the same size: ``byteswap`` leaves them unchanged in some ml_dtypes releases (0.5.0).
+    """
+    if byteorder == sys.byteorder or array.dtype.itemsize == 1:
+        return array
+    if array.dtype.kind == "V":
+        unsigned = np.dtype(f"u{array.dtype.itemsize}")
+        return array.view(unsigned).byteswap().view(array.dtype)
+    return array.byteswap()
 
 
 def _read_head(path: Path, size: int = 512) -> bytes:
