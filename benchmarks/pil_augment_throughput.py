@@ -62,6 +62,44 @@ def supply(images: np.ndarray, *, batch: int, size: int, workers: int, batches: 
     return 2 * batch * batches / seconds
 
 
+def supply_processes(
+    images: np.ndarray, *, batch: int, size: int, workers: int, batches: int
+) -> float:
+    """Views per second of the same work in a process pool (results pickled back)."""
+    import concurrent.futures
+    import multiprocessing
+
+    from msad_jax.data import pil_augment
+
+    chunk = pil_augment.CHUNK
+    with concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+
+        def one_batch(step: int) -> None:
+            picks = np.arange(step * batch, (step + 1) * batch) % len(images)
+            futures = [
+                pool.submit(
+                    pil_augment.batch_views,
+                    images[picks[lo : lo + chunk]],
+                    picks[lo : lo + chunk],
+                    seed=0,
+                    step=step,
+                    size=size,
+                )
+                for lo in range(0, batch, chunk)
+            ]
+            for future in futures:
+                future.result()
+
+        one_batch(0)  # start the workers
+        start = time.perf_counter()
+        for step in range(1, batches + 1):
+            one_batch(step)
+        seconds = time.perf_counter() - start
+    return 2 * batch * batches / seconds
+
+
 def _model_and_step(args: argparse.Namespace, augment: str):
     import jax
 
@@ -163,13 +201,14 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         "Supply: views per second made on the host (`host_view_batches`, nothing consuming):",
         "",
-        "| worker threads | views/s | vs 1 thread |",
-        "|---|---|---|",
+        "| workers | threads (product) views/s | vs 1 thread | processes views/s |",
+        "|---|---|---|---|",
     ]
     base = record["supply"][0]["views_per_s"]
     for row in record["supply"]:
         lines.append(
-            f"| {row['workers']} | {row['views_per_s']:.1f} | {row['views_per_s'] / base:.2f} |"
+            f"| {row['workers']} | {row['views_per_s']:.1f} | {row['views_per_s'] / base:.2f} | "
+            f"{row['process_views_per_s']:.1f} |"
         )
     lines += [
         "",
@@ -216,6 +255,7 @@ def main() -> None:
 
         images = harness.make_images(256, args.source)
         load_before = _load()
+        sizes = {"batch": args.batch, "size": args.size, "batches": args.supply_batches}
         record = {
             "command": "python benchmarks/pil_augment_throughput.py " + " ".join(sys.argv[1:]),
             "args": vars(args),
@@ -225,13 +265,8 @@ def main() -> None:
             "supply": [
                 {
                     "workers": w,
-                    "views_per_s": supply(
-                        images,
-                        batch=args.batch,
-                        size=args.size,
-                        workers=w,
-                        batches=args.supply_batches,
-                    ),
+                    "views_per_s": supply(images, workers=w, **sizes),
+                    "process_views_per_s": supply_processes(images, workers=w, **sizes),
                 }
                 for w in args.threads
             ],

@@ -173,7 +173,9 @@ def test_flag_frequencies_match_torchvisions_random_transforms():
     flip = T.RandomHorizontalFlip(p=A.FLIP_PROB)
     applied = T.RandomApply([T.Grayscale(3)], p=A.JITTER_PROB)  # a visible stand-in op
     rates = {
-        "grayscale": np.mean([np.ptp(np.asarray(gray(colour)), axis=2).max() == 0 for _ in range(n)]),
+        "grayscale": np.mean(
+            [np.ptp(np.asarray(gray(colour)), axis=2).max() == 0 for _ in range(n)]
+        ),
         "flip": np.mean([flip(colour).tobytes() != colour.tobytes() for _ in range(n)]),
         "jitter": np.mean([applied(colour).tobytes() != colour.tobytes() for _ in range(n)]),
     }
@@ -206,9 +208,7 @@ def test_views_have_the_pixel_statistics_of_torchvisions_pipeline():
         ]
     )
     pils = [Image.fromarray(im) for im in images]
-    theirs = np.stack(
-        [np.asarray(moco(pil), np.float32) for _ in range(repeats) for pil in pils]
-    )
+    theirs = np.stack([np.asarray(moco(pil), np.float32) for _ in range(repeats) for pil in pils])
     features = {
         "mean": lambda v: v.mean(axis=(1, 2, 3)),
         "std": lambda v: v.std(axis=(1, 2, 3)),
@@ -234,9 +234,7 @@ def _views(num_devices, *, start_step=0, seed=7, workers=2):
     out = P.host_view_batches(
         batches, size=SIZE, seed=seed, first_step=3 + start_step, workers=workers, ahead=1
     )
-    return [
-        {k: v.reshape(-1, *v.shape[2:]) for k, v in b.items()} for b in out
-    ], images
+    return [{k: v.reshape(-1, *v.shape[2:]) for k, v in b.items()} for b in out], images
 
 
 def test_views_do_not_depend_on_devices_threads_or_resuming():
@@ -269,7 +267,11 @@ def test_process_slices_use_their_global_rows():
     second = next(
         P.host_view_batches(
             train_batches(images, process_index=1, process_count=2, **kwargs),
-            size=SIZE, seed=1, first_step=0, process_index=1, workers=1,
+            size=SIZE,
+            seed=1,
+            first_step=0,
+            process_index=1,
+            workers=1,
         )  # fmt: skip
     )
     np.testing.assert_array_equal(second["view1"][0], whole["view1"][0, 4:])
