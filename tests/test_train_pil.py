@@ -14,7 +14,8 @@ def smoke_config(**changes):
     config.update(
         dataset="synthetic", synthetic_train=40, synthetic_test=6, synthetic_size=24,
         backbone="resnet_tiny", pretrained=False, learning_rate=0.01, batch_size=16, epochs=1,
-        eval_batch_size=64, progress=False, plots=False, checkpoint_every_steps=0, log_every_steps=1,
+        eval_batch_size=64, progress=False, plots=False, checkpoint_every_steps=0,
+        log_every_steps=1,
     )  # fmt: skip
     config.update(changes)
     return config
