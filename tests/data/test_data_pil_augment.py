@@ -188,7 +188,11 @@ def test_flag_frequencies_match_torchvisions_random_transforms():
 def test_views_have_the_pixel_statistics_of_torchvisions_pipeline():
     """Whole chain vs torchvision's Compose (MoCo v2) on the same images: per-view statistics."""
     n_images, repeats = 25, 40
-    images = [smooth_image(100 + i, 12, 12) for i in range(n_images)]
+    ramp = np.linspace(0, 120, 12)[None, :, None]  # brighter on the right: flips show
+    images = [
+        np.clip(smooth_image(100 + i, 12, 12) * 0.5 + ramp, 0, 255).astype(np.uint8)
+        for i in range(n_images)
+    ]
     rng = np.random.default_rng(4)
     ours = np.stack(
         [P.augment_image(im, rng, SIZE).astype(np.float32) for _ in range(repeats) for im in images]
