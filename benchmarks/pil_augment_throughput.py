@@ -100,6 +100,45 @@ def supply_processes(
     return 2 * batch * batches / seconds
 
 
+def operation_ms(images: np.ndarray, *, size: int, views: int = 200) -> dict[str, float]:
+    """Milliseconds per view of each Pillow operation when applied (one thread)."""
+    from PIL import Image
+
+    from msad_jax.data import pil_augment
+
+    rng = np.random.default_rng(0)
+    params = [pil_augment.sample_params(rng, *images.shape[1:3]) for _ in range(views)]
+    pils = [Image.fromarray(images[i % len(images)]) for i in range(views)]
+    on = {"jitter": True, "grayscale": True, "blur": True, "flip": True}
+    off = dict.fromkeys(on, False)
+    crops = [pil_augment.apply_params(im, dataclasses.replace(p, **off), size)
+             for im, p in zip(pils, params, strict=True)]  # fmt: skip
+    stages = {
+        "crop + resize": lambda im, p: pil_augment.apply_params(im, p, size),
+        "brightness": lambda im, p: pil_augment._jitter_op(im, 0, p),
+        "contrast": lambda im, p: pil_augment._jitter_op(im, 1, p),
+        "saturation": lambda im, p: pil_augment._jitter_op(im, 2, p),
+        "hue": lambda im, p: pil_augment._jitter_op(im, 3, p),
+        "grayscale": lambda im, p: im.convert("L").convert("RGB"),
+        "blur": lambda im, p: im.filter(pil_augment.ImageFilter.GaussianBlur(p.sigma)),
+        "flip": lambda im, p: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "whole view (all applied)": lambda im, p: pil_augment.apply_params(
+            im, dataclasses.replace(p, **on), size
+        ),
+    }
+    out = {}
+    for name, fn in stages.items():
+        sources = pils if name in ("crop + resize", "whole view (all applied)") else crops
+        chosen = (
+            [dataclasses.replace(p, **off) for p in params] if name == "crop + resize" else params
+        )
+        start = time.perf_counter()
+        for im, p in zip(sources, chosen, strict=True):
+            fn(im, p)
+        out[name] = 1000 * (time.perf_counter() - start) / views
+    return out
+
+
 def _model_and_step(args: argparse.Namespace, augment: str):
     import jax
 
@@ -212,6 +251,15 @@ def markdown(record: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        "Milliseconds per view of each Pillow operation when applied (one thread; a view "
+        "applies jitter with p 0.8, grayscale 0.2, blur 0.5, flip 0.5):",
+        "",
+        "| operation | ms per view |",
+        "|---|---|",
+        *(f"| {name} | {ms:.3f} |" for name, ms in record["operation_ms"].items()),
+    ]
+    lines += [
+        "",
         "Demand and fed: views per second of the step alone (views already on the device) and "
         f"of steps fed by the host pipeline (`augment='pil'`: {a['workers'] or 'all'} threads):",
         "",
@@ -270,6 +318,7 @@ def main() -> None:
                 }
                 for w in args.threads
             ],
+            "operation_ms": operation_ms(images, size=args.size),
             "steps": {a: demand_and_fed(images, args, a) for a in ("pil", "device")},
             "load_after": _load(),
         }
