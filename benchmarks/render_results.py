@@ -118,6 +118,9 @@ def pages() -> dict[str, Callable[[], str]]:
         "conditioning_cone.md": _module_markdown("conditioning_cone", "conditioning_cone"),
         "knn.md": _module_markdown("knn_benchmark", "knn"),
         "augment_throughput.md": _module_markdown("augment_throughput", "augment_throughput"),
+        "pil_augment_throughput.md": _module_markdown(
+            "pil_augment_throughput", "pil_augment_throughput"
+        ),
         "huge_images_memory.md": _huge_images_memory,
         "threshold_calibration.md": _threshold_calibration,
         "vit_backbones.md": _vit_backbones,
