@@ -1,0 +1,319 @@
+"""CPU lowerings of the backbones' convolutions and max-pooling, for training speed on XLA:CPU.
+
+XLA:CPU (jaxlib 0.10) runs the backward passes of some layers far below what the processor can do
+(measured in ``benchmarks/RESULTS.md``):
+
+* the weight gradient of a depthwise convolution (``feature_group_count`` = channels) becomes a
+  *dense* convolution over all pairs of channels followed by a selection of its diagonal: C times
+  the work (C = 96 .. 1152 in EfficientNet-Lite0), 5-25x slower than needed;
+* the backward pass of max-pooling (``select_and_scatter``) is expanded into index bookkeeping
+  (an iota, a reduce-window over (value, index) pairs and a scatter) that costs far more than the
+  forward pass;
+* YNNPACK, which runs convolutions by default, computes the weight gradients of dense
+  convolutions 2-4x slower than Eigen (see :data:`EIGEN_CONVOLUTIONS_FLAG`).
+
+This module gives the same functions another lowering, chosen when a function is traced for the
+CPU backend:
+
+* depthwise convolutions: ``k*k`` shifted multiply-adds, which XLA fuses into one loop; their
+  automatic derivatives are again fused shifted adds (input gradient) and one reduction per tap
+  (weight gradient);
+* 1x1 convolutions without padding: one matrix product over channels (of the strided input for
+  stride 2), in float32 accumulation;
+* max-pooling: the forward pass is XLA's ``reduce_window``; the backward pass (``custom_vjp``)
+  gives each window's gradient to its first maximum in row-major order, XLA's own rule for ties,
+  with ``k*k`` masked, padded adds;
+* every other convolution stays ``lax.conv_general_dilated``.
+
+Results equal the default lowering up to float rounding (the summation order differs); the tests
+check values and gradients for every convolution shape of the backbones.
+
+The switch: the environment variable :data:`ENV_VAR` (``0``/``false``/``off`` turns it off;
+``python -m msad_jax.main --nocpu_lowering`` sets it). It is read when a function is *traced*:
+a function already compiled keeps the lowering it was traced with. Accelerator backends always
+get the default lowering. The XLA flag of dense convolutions must be set before JAX starts its
+CPU backend: :func:`configure_xla_flags` does it (``msad_jax.main`` calls it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+#: Environment variable of the switch; ``0``, ``false``, ``no`` or ``off`` (any case) turns the
+#: CPU lowering off.
+ENV_VAR = "MSAD_JAX_CPU_LOWERING"
+_OFF = ("0", "false", "no", "off")
+
+#: XLA flag that takes convolutions away from YNNPACK (the default in jaxlib 0.10), so that
+#: XLA:CPU runs them with Eigen, whose weight gradients are 2-4x faster; see
+#: ``benchmarks/RESULTS.md``. Other backends ignore it.
+EIGEN_CONVOLUTIONS_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+_YNN_FUSION_OPTION = "--xla_cpu_experimental_ynn_fusion_type"
+
+Padding = tuple[tuple[int, int], ...]
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def switched_on() -> bool:
+    """Whether the switch (:data:`ENV_VAR`) allows the CPU lowering (default: yes)."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in _OFF
+
+
+def active() -> bool:
+    """Whether functions traced now get the CPU lowering: switched on and the backend is CPU."""
+    return switched_on() and jax.default_backend() == "cpu"
+
+
+def configure_xla_flags() -> bool:
+    """Adds :data:`EIGEN_CONVOLUTIONS_FLAG` to ``XLA_FLAGS`` when the switch is on.
+
+    Call it before JAX starts a backend (XLA reads ``XLA_FLAGS`` once). An explicit
+    ``--xla_cpu_experimental_ynn_fusion_type`` already in ``XLA_FLAGS`` wins.
+
+    Returns:
+      Whether the flag is in ``XLA_FLAGS`` afterwards.
+    """
+    current = os.environ.get("XLA_FLAGS", "")
+    if switched_on() and _YNN_FUSION_OPTION not in current:
+        os.environ["XLA_FLAGS"] = f"{current} {EIGEN_CONVOLUTIONS_FLAG}".strip()
+    return EIGEN_CONVOLUTIONS_FLAG in os.environ.get("XLA_FLAGS", "").split()
+
+
+def _accumulation_dtype(dtype: Any) -> Any:
+    """float32 for float32 and narrower floats (bfloat16, float16), float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _output_size(size: int, window: int, stride: int, pad: tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - window) // stride + 1
+
+
+def _window_taps(
+    padded: jax.Array, window: tuple[int, int], strides: tuple[int, int], out: tuple[int, int]
+) -> list[jax.Array]:
+    """The ``kh*kw`` strided views of a padded NHWC array, row-major over the window."""
+    n, _, _, c = padded.shape
+    (kh, kw), (sh, sw), (oh, ow) = window, strides, out
+    return [
+        lax.slice(
+            padded,
+            (0, i, j, 0),
+            (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c),
+            (1, sh, sw, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def depthwise_conv(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
+) -> jax.Array:
+    """Depthwise 2-D convolution as shifted multiply-adds.
+
+    Equals ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC',
+    'HWIO', 'NHWC'), feature_group_count=C)`` up to rounding, accumulating in float32 (or
+    float64); differentiable by JAX.
+
+    Args:
+      x: input ``[N, H, W, C]``.
+      kernel: ``[kh, kw, 1, C]``, one filter per channel.
+      strides: ``(sh, sw)``.
+      padding: ``((top, bottom), (left, right))``, zeros.
+
+    Returns:
+      ``[N, OH, OW, C]`` in ``x.dtype``.
+    """
+    kh, kw = kernel.shape[:2]
+    strides = (int(strides[0]), int(strides[1]))
+    out = (
+        _output_size(x.shape[1], kh, strides[0], padding[0]),
+        _output_size(x.shape[2], kw, strides[1], padding[1]),
+    )
+    dtype = _accumulation_dtype(x.dtype)
+    padded = jnp.pad(x.astype(dtype), ((0, 0), padding[0], padding[1], (0, 0)))
+    weights = kernel.astype(dtype).reshape(kh * kw, -1)
+    taps = _window_taps(padded, (kh, kw), strides, out)
+    result = taps[0] * weights[0]
+    for tap, weight in zip(taps[1:], weights[1:], strict=True):
+        result = result + tap * weight
+    return result.astype(x.dtype)
+
+
+def pointwise_conv(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], precision: Any = None
+) -> jax.Array:
+    """1x1 convolution without padding as one matrix product over channels.
+
+    Args:
+      x: input ``[N, H, W, Cin]``.
+      kernel: ``[1, 1, Cin, Cout]``.
+      strides: ``(sh, sw)``; the input is subsampled first.
+      precision: passed to ``lax.dot_general``.
+
+    Returns:
+      ``[N, ceil(H / sh), ceil(W / sw), Cout]`` in the promoted input dtype.
+    """
+    sh, sw = int(strides[0]), int(strides[1])
+    if (sh, sw) != (1, 1):
+        x = x[:, ::sh, ::sw, :]
+    dtype = jnp.promote_types(x.dtype, kernel.dtype)
+    out = lax.dot_general(
+        x,
+        kernel[0, 0],
+        (((3,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=_accumulation_dtype(dtype),
+    )
+    return out.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(
+    x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Padding
+) -> jax.Array:
+    return _reduce_window_max(x, window, strides, padding)
+
+
+def _reduce_window_max(
+    x: jax.Array, window: tuple[int, int], strides: tuple[int, int], padding: Padding
+) -> jax.Array:
+    """XLA's max-pooling, as ``flax.linen.max_pool`` (JAX differentiates it)."""
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *padding, (0, 0))
+    )
+
+
+def _max_pool_fwd(x, window, strides, padding):
+    y = _max_pool(x, window, strides, padding)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, g):
+    x, y = residuals
+    (pt, pb), (pl, pr) = padding
+    padded = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
+    hp, wp = padded.shape[1:3]
+    (oh, ow), (sh, sw) = y.shape[1:3], strides
+    taps = _window_taps(padded, window, strides, (oh, ow))
+    free = jnp.ones(y.shape, bool)  # windows whose maximum has not been met yet
+    zero = jnp.zeros((), g.dtype)
+    grad = None
+    for index, tap in enumerate(taps):
+        i, j = divmod(index, window[1])
+        first = free & (tap == y)
+        free = free & ~first
+        # Put the window's gradient back at padded position (i + sh*a, j + sw*b).
+        placed = lax.pad(
+            jnp.where(first, g, zero),
+            zero,
+            (
+                (0, 0, 0),
+                (i, hp - i - (oh - 1) * sh - 1, sh - 1),
+                (j, wp - j - (ow - 1) * sw - 1, sw - 1),
+                (0, 0, 0),
+            ),
+        )
+        grad = placed if grad is None else grad + placed
+    return (grad[:, pt : hp - pb, pl : wp - pr, :],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(
+    x: jax.Array,
+    window: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> jax.Array:
+    """2-D max-pooling of NHWC input, padded with -inf, like ``flax.linen.max_pool``.
+
+    On the CPU lowering the gradient is computed with masked, padded adds (first maximum of each
+    window in row-major order), otherwise by JAX's ``select_and_scatter``; same values.
+
+    Args:
+      x: ``[N, H, W, C]``.
+      window: ``(kh, kw)``.
+      strides: ``(sh, sw)``.
+      padding: ``((top, bottom), (left, right))``.
+    """
+    window = (int(window[0]), int(window[1]))
+    strides = (int(strides[0]), int(strides[1]))
+    padding = tuple((int(a), int(b)) for a, b in padding)
+    if active():
+        return _max_pool(x, window, strides, padding)
+    return _reduce_window_max(x, window, strides, padding)
+
+
+def _explicit_padding(padding: Any) -> Padding | None:
+    if isinstance(padding, str):
+        return None
+    return tuple((int(a), int(b)) for a, b in padding)
+
+
+def _is_nhwc_hwio(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        return False
+    wanted = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_HWIO)
+    given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return given == wanted
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` with the CPU lowering of depthwise and 1x1 convolutions.
+
+    Same signature and results (up to rounding). Takes the CPU lowering when :func:`active`, the
+    layout is NHWC/HWIO, the padding explicit, nothing dilated and no ``preferred_element_type``
+    is asked for; everything else goes to ``lax.conv_general_dilated``. Pass it to
+    ``flax.linen.Conv(conv_general_dilated=...)``.
+    """
+    pads = _explicit_padding(padding)
+    plain = (
+        pads is not None
+        and len(pads) == 2
+        and tuple(lhs_dilation or (1, 1)) == (1, 1)
+        and tuple(rhs_dilation or (1, 1)) == (1, 1)
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and _is_nhwc_hwio(lhs, rhs, dimension_numbers)
+    )
+    if plain and active():
+        kh, kw, group_in, out = rhs.shape
+        channels = lhs.shape[3]
+        if feature_group_count == channels == out and group_in == 1 and channels > 1:
+            return depthwise_conv(lhs, rhs, window_strides, pads)
+        if feature_group_count == 1 and (kh, kw) == (1, 1) and pads == ((0, 0), (0, 0)):
+            return pointwise_conv(lhs, rhs, window_strides, precision)
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
