@@ -390,6 +390,25 @@ def throughput_table(
     return lines
 
 
+def session_record(session: Session, contenders: Sequence[Contender]) -> dict[str, Any]:
+    """Everything a timed session measured, as a JSON-ready dict (the raw record of a result).
+
+    Holds per contender its environment additions and ready message (first-call seconds, first
+    results) and per (contender, task) every repetition's wall and CPU seconds and load; plus
+    the load averages, the duration, the machine and the versions.
+    """
+    return {
+        "machine": machine_info(),
+        "load_before": list(session.load_before),
+        "load_after": list(session.load_after),
+        "seconds": session.seconds,
+        "contenders": {
+            c.name: {"env": dict(c.env), "ready": session.ready.get(c.name, {})} for c in contenders
+        },
+        "measurements": [dataclasses.asdict(m) for m in session.measurements.values()],
+    }
+
+
 def worker_argv(script: str, *args: str) -> list[str]:
     """``[script, *args]`` with the script's absolute path."""
     return [os.path.abspath(script), *args]
@@ -518,9 +537,7 @@ def standard_contenders(
     for variant in args.jax_variant:
         name, _, spec = variant.partition("=")
         variants.append((f"jax[{name}]", variant_env(spec)))
-    out = [
-        Contender(name, [*base, "--worker=jax"], {**extra, **env}) for name, env in variants
-    ]
+    out = [Contender(name, [*base, "--worker=jax"], {**extra, **env}) for name, env in variants]
     out.append(Contender("torch", [*base, "--worker=torch"]))
     if args.torch_channels_last_too:
         out.append(Contender("torch[channels_last]", [*base, "--worker=torch", "--channels_last"]))

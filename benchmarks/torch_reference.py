@@ -7,9 +7,9 @@ the two views with log-sum-exp (the anchor itself excluded from its denominator)
 with coupled weight decay and no momentum on the trainable parameters (frozen stages get
 ``requires_grad=False``, hence no update and no decay).
 
-Weights come from torchvision's own initialisation under a fixed seed (``efficientnet-lite-pytorch``'s
-for the EfficientNet-Lite backbones); the JAX side converts the same state dict with
-:func:`msad_jax.models.from_torchvision`, so both sides start from identical
+Weights come from torchvision's own initialisation under a fixed seed (from
+``efficientnet-lite-pytorch``'s for the EfficientNet-Lite backbones); the JAX side converts the
+same state dict with :func:`msad_jax.models.from_torchvision`, so both sides start from identical
 parameters and their first losses can be compared.
 """
 

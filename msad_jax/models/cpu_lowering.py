@@ -10,7 +10,7 @@ XLA:CPU (jaxlib 0.10) runs the backward passes of some layers far below what the
   (an iota, a reduce-window over (value, index) pairs and a scatter) that costs far more than the
   forward pass;
 * YNNPACK, which runs convolutions by default, computes the weight gradients of dense
-  convolutions 2-4x slower than Eigen (see :data:`EIGEN_CONVOLUTIONS_FLAG`).
+  convolutions 2-4x slower than Eigen (see :data:`msad_jax.cpu_flags.EIGEN_CONVOLUTIONS_FLAG`).
 
 This module gives the same functions another lowering, chosen when a function is traced for the
 CPU backend:
@@ -23,22 +23,21 @@ CPU backend:
 * max-pooling: the forward pass is XLA's ``reduce_window``; the backward pass (``custom_vjp``)
   gives each window's gradient to its first maximum in row-major order, XLA's own rule for ties,
   with ``k*k`` masked, padded adds;
-* every other convolution stays ``lax.conv_general_dilated``.
+* every other convolution stays ``lax.conv_general_dilated`` (run by Eigen under the XLA flag
+  that ``import msad_jax`` sets, see :mod:`msad_jax.cpu_flags`).
 
 Results equal the default lowering up to float rounding (the summation order differs); the tests
 check values and gradients for every convolution shape of the backbones.
 
-The switch: the environment variable :data:`ENV_VAR` (``0``/``false``/``off`` turns it off;
-``python -m msad_jax.main --nocpu_lowering`` sets it). It is read when a function is *traced*:
-a function already compiled keeps the lowering it was traced with. Accelerator backends always
-get the default lowering. The XLA flag of dense convolutions must be set before JAX starts its
-CPU backend: :func:`configure_xla_flags` does it (``msad_jax.main`` calls it).
+The switch: the environment variable ``MSAD_JAX_CPU_LOWERING`` (:mod:`msad_jax.cpu_flags`;
+``0``/``false``/``no``/``off`` turns it off, ``python -m msad_jax.main --nocpu_lowering`` sets it).
+It is read when a function is *traced*: a function already compiled keeps the lowering it was
+traced with. Accelerator backends always get XLA's own lowering.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,44 +45,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-#: Environment variable of the switch; ``0``, ``false``, ``no`` or ``off`` (any case) turns the
-#: CPU lowering off.
-ENV_VAR = "MSAD_JAX_CPU_LOWERING"
-_OFF = ("0", "false", "no", "off")
-
-#: XLA flag that takes convolutions away from YNNPACK (the default in jaxlib 0.10), so that
-#: XLA:CPU runs them with Eigen, whose weight gradients are 2-4x faster; see
-#: ``benchmarks/RESULTS.md``. Other backends ignore it.
-EIGEN_CONVOLUTIONS_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-_YNN_FUSION_OPTION = "--xla_cpu_experimental_ynn_fusion_type"
+from msad_jax import cpu_flags
 
 Padding = tuple[tuple[int, int], ...]
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 
-def switched_on() -> bool:
-    """Whether the switch (:data:`ENV_VAR`) allows the CPU lowering (default: yes)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in _OFF
-
-
 def active() -> bool:
     """Whether functions traced now get the CPU lowering: switched on and the backend is CPU."""
-    return switched_on() and jax.default_backend() == "cpu"
-
-
-def configure_xla_flags() -> bool:
-    """Adds :data:`EIGEN_CONVOLUTIONS_FLAG` to ``XLA_FLAGS`` when the switch is on.
-
-    Call it before JAX starts a backend (XLA reads ``XLA_FLAGS`` once). An explicit
-    ``--xla_cpu_experimental_ynn_fusion_type`` already in ``XLA_FLAGS`` wins.
-
-    Returns:
-      Whether the flag is in ``XLA_FLAGS`` afterwards.
-    """
-    current = os.environ.get("XLA_FLAGS", "")
-    if switched_on() and _YNN_FUSION_OPTION not in current:
-        os.environ["XLA_FLAGS"] = f"{current} {EIGEN_CONVOLUTIONS_FLAG}".strip()
-    return EIGEN_CONVOLUTIONS_FLAG in os.environ.get("XLA_FLAGS", "").split()
+    return cpu_flags.switched_on() and jax.default_backend() == "cpu"
 
 
 def _accumulation_dtype(dtype: Any) -> Any:
@@ -113,26 +83,11 @@ def _window_taps(
     ]
 
 
-def depthwise_conv(
-    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
+def _depthwise_taps(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
 ) -> jax.Array:
-    """Depthwise 2-D convolution as shifted multiply-adds.
-
-    Equals ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC',
-    'HWIO', 'NHWC'), feature_group_count=C)`` up to rounding, accumulating in float32 (or
-    float64); differentiable by JAX.
-
-    Args:
-      x: input ``[N, H, W, C]``.
-      kernel: ``[kh, kw, 1, C]``, one filter per channel.
-      strides: ``(sh, sw)``.
-      padding: ``((top, bottom), (left, right))``, zeros.
-
-    Returns:
-      ``[N, OH, OW, C]`` in ``x.dtype``.
-    """
+    """Sum over the window of each strided input view times its per-channel weight."""
     kh, kw = kernel.shape[:2]
-    strides = (int(strides[0]), int(strides[1]))
     out = (
         _output_size(x.shape[1], kh, strides[0], padding[0]),
         _output_size(x.shape[2], kw, strides[1], padding[1]),
@@ -145,6 +100,56 @@ def depthwise_conv(
     for tap, weight in zip(taps[1:], weights[1:], strict=True):
         result = result + tap * weight
     return result.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
+) -> jax.Array:
+    with jax.named_scope("depthwise_conv"):
+        return _depthwise_taps(x, kernel, strides, padding)
+
+
+def _depthwise_fwd(x, kernel, strides, padding):
+    return _depthwise(x, kernel, strides, padding), (x, kernel)
+
+
+def _depthwise_bwd(strides, padding, residuals, g):
+    # JAX's own derivatives of the shifted multiply-adds, each under its own name (for profiles):
+    # the input gradient is again a fused sum of shifted (padded, dilated) views, the weight
+    # gradient one reduction per tap.
+    x, kernel = residuals
+    with jax.named_scope("depthwise_conv_input_gradient"):
+        (dx,) = jax.vjp(lambda x: _depthwise_taps(x, kernel, strides, padding), x)[1](g)
+    with jax.named_scope("depthwise_conv_weight_gradient"):
+        (dk,) = jax.vjp(lambda k: _depthwise_taps(x, k, strides, padding), kernel)[1](g)
+    return dx, dk
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
+) -> jax.Array:
+    """Depthwise 2-D convolution as shifted multiply-adds.
+
+    Equals ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC',
+    'HWIO', 'NHWC'), feature_group_count=C)`` up to rounding, accumulating in float32 (or
+    float64). Its gradients are JAX's derivatives of the same multiply-adds.
+
+    Args:
+      x: input ``[N, H, W, C]``.
+      kernel: ``[kh, kw, 1, C]``, one filter per channel.
+      strides: ``(sh, sw)``.
+      padding: ``((top, bottom), (left, right))``, zeros.
+
+    Returns:
+      ``[N, OH, OW, C]`` in ``x.dtype``.
+    """
+    strides = (int(strides[0]), int(strides[1]))
+    padding = tuple((int(a), int(b)) for a, b in padding)
+    return _depthwise(x, kernel, strides, padding)
 
 
 def pointwise_conv(
@@ -162,17 +167,18 @@ def pointwise_conv(
       ``[N, ceil(H / sh), ceil(W / sw), Cout]`` in the promoted input dtype.
     """
     sh, sw = int(strides[0]), int(strides[1])
-    if (sh, sw) != (1, 1):
-        x = x[:, ::sh, ::sw, :]
-    dtype = jnp.promote_types(x.dtype, kernel.dtype)
-    out = lax.dot_general(
-        x,
-        kernel[0, 0],
-        (((3,), (0,)), ((), ())),
-        precision=precision,
-        preferred_element_type=_accumulation_dtype(dtype),
-    )
-    return out.astype(dtype)
+    with jax.named_scope("pointwise_conv"):
+        if (sh, sw) != (1, 1):
+            x = x[:, ::sh, ::sw, :]
+        dtype = jnp.promote_types(x.dtype, kernel.dtype)
+        out = lax.dot_general(
+            x,
+            kernel[0, 0],
+            (((3,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=_accumulation_dtype(dtype),
+        )
+        return out.astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -197,6 +203,11 @@ def _max_pool_fwd(x, window, strides, padding):
 
 
 def _max_pool_bwd(window, strides, padding, residuals, g):
+    with jax.named_scope("max_pool_gradient"):
+        return _max_pool_gradient(window, strides, padding, residuals, g)
+
+
+def _max_pool_gradient(window, strides, padding, residuals, g):
     x, y = residuals
     (pt, pb), (pl, pr) = padding
     padded = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)

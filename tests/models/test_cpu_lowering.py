@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from msad_jax import cpu_flags
 from msad_jax.models import build_backbone, cpu_lowering, init_variables
 from msad_jax.optimizer import make_optimizer
 from msad_jax.train_step import create_train_state, make_train_step
@@ -57,7 +58,7 @@ def _record_convolutions(backbone: str, size: int = 224) -> set[tuple]:
 def _configurations() -> list[tuple]:
     configs = set()
     for backbone in ("resnet18", "efficientnet_lite0"):
-        for (h, w, cin), (kh, kw, group_in, cout), strides, padding, groups in sorted(
+        for (h, w, cin), (kh, kw, _, cout), strides, padding, groups in sorted(
             _record_convolutions(backbone)
         ):
             depthwise = groups > 1
@@ -136,7 +137,7 @@ def test_depthwise_and_pointwise_convolutions_take_the_cpu_lowering(monkeypatch)
     depthwise, pointwise = jnp.ones((3, 3, 1, 4)), jnp.ones((1, 1, 4, 6))
     assert "conv_general_dilated" not in primitives(depthwise, 4)
     assert "conv_general_dilated" in primitives(jnp.ones((3, 3, 4, 6)), 1)  # dense: XLA's
-    monkeypatch.setenv(cpu_lowering.ENV_VAR, "0")
+    monkeypatch.setenv(cpu_flags.ENV_VAR, "0")
     assert not cpu_lowering.active()
     assert "conv_general_dilated" in primitives(depthwise, 4)
     jaxpr = jax.make_jaxpr(lambda x: _ours(x, pointwise, (1, 1), ((0, 0), (0, 0)), 1))(x)
@@ -146,7 +147,10 @@ def test_depthwise_and_pointwise_convolutions_take_the_cpu_lowering(monkeypatch)
 def test_bfloat16_depthwise_and_pointwise_stay_close_to_float32():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 15, 15, 8)), jnp.float32)
-    for kernel, groups, padding in (((5, 5, 1, 8), 8, ((1, 2), (1, 2))), ((1, 1, 8, 4), 1, ((0, 0),) * 2)):
+    for kernel, groups, padding in (
+        ((5, 5, 1, 8), 8, ((1, 2), (1, 2))),
+        ((1, 1, 8, 4), 1, ((0, 0),) * 2),
+    ):
         k = jnp.asarray(rng.standard_normal(kernel), jnp.float32)
         ref = _lax_conv(x, k, (2, 2), padding, groups)
         ours = _ours(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), (2, 2), padding, groups)
@@ -207,7 +211,7 @@ def test_one_training_step_equals_the_default_lowering(backbone, monkeypatch):
         return jax.device_get(step(state, batch, center))
 
     new_state, new_metrics = one_step()
-    monkeypatch.setenv(cpu_lowering.ENV_VAR, "off")
+    monkeypatch.setenv(cpu_flags.ENV_VAR, "off")
     old_state, old_metrics = one_step()
     np.testing.assert_allclose(new_metrics["loss"], old_metrics["loss"], rtol=1e-6)
     leaves = jax.tree_util.tree_leaves_with_path
