@@ -165,6 +165,35 @@ def profile_section(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ops_section(record: dict[str, Any]) -> list[str]:
+    """Markdown section of the per-operation record."""
+    results = record["results"]
+    names = list(results)
+    reference = names[0]
+    lines = [
+        "### Each lowered operation alone: forward + gradients, one jitted call",
+        "",
+        f"- command: `{record['command']}` (record `{record['name']}.json`); median of "
+        f"{record['repetitions']} calls after a warm-up, CPU seconds (all threads)",
+        machine_line(record),
+        load_line({**record, "kind": "ops"}),
+        "",
+        "| operation | "
+        + " | ".join(f"{n}: CPU s" for n in names)
+        + f" | speed-up vs {reference} |",
+        "|---|" + "---|" * len(names) + "---|",
+    ]
+    for case in record["cases"]:
+        cpus = [results[n][case["name"]]["cpu_s"] for n in names]
+        lines.append(
+            f"| {case['name']} | "
+            + " | ".join(f"{c:.3f}" for c in cpus)
+            + f" | {cpus[0] / cpus[-1]:.1f} |"
+        )
+    lines.append("")
+    return lines
+
+
 def main_stats(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per side of a main-run record: median wall and CPU seconds, ROC-AUCs."""
     return {
@@ -205,10 +234,11 @@ def _fmt(x: float) -> str:
 
 
 def summary_table(records: dict[str, dict[str, Any]]) -> list[str]:
-    """The README table: JAX / PyTorch speed per measurement, both lowerings."""
+    """The README tables: training-step speed vs PyTorch, and whole runs with both lowerings."""
     lines = [
-        "| CPU training, float32, 224x224 | msad_jax / PyTorch (CPU time) | XLA's lowering / "
-        "PyTorch | msad_jax / PyTorch channels_last | speed-up over XLA's lowering |",
+        "| training step, float32, 224x224, two views | msad_jax / PyTorch (CPU time) | "
+        "XLA's lowering / PyTorch | msad_jax / PyTorch channels_last | msad_jax / XLA's "
+        "lowering |",
         "|---|---|---|---|---|",
     ]
     for record in records.values():
@@ -216,20 +246,29 @@ def summary_table(records: dict[str, dict[str, Any]]) -> list[str]:
             continue
         stats = step_stats(record)
         frozen = "" if record["frozen"] == "none" else ", stem + blocks 0-10 frozen"
-        label = f"{record['backbone']} step, batch {record['batch']}{frozen}"
+        label = f"{record['backbone']}, batch {record['batch']}{frozen}"
         lines.append(
             f"| {label} | **{_fmt(ratio(stats, JAX, TORCH))}** "
             f"({_fmt(ratio(stats, JAX, TORCH, 'cpu'))}) | {_fmt(ratio(stats, OLD, TORCH))} | "
             f"{_fmt(ratio(stats, JAX, TORCH_CL))} | {_fmt(ratio(stats, JAX, OLD))} |"
         )
-    for record in records.values():
-        if record["kind"] != "main_run":
-            continue
+    runs = [r for r in records.values() if r["kind"] == "main_run"]
+    if runs:
+        lines += [
+            "",
+            "| whole run (`python -m msad_jax.main`) | CPU lowering (default) | XLA's lowering "
+            "| speed-up | final ROC-AUC, default / XLA's |",
+            "|---|---|---|---|---|",
+        ]
+    for record in runs:
         stats = main_stats(record)
         on, off = stats["cpu lowering"], stats["xla lowering"]
+        aurocs = "/".join(
+            "n/a" if s["aurocs"][0] is None else f"{s['aurocs'][0]:.2f}%" for s in (on, off)
+        )
         lines.append(
-            f"| whole `{record['config']}` run: {on['wall']:.0f} s vs {off['wall']:.0f} s "
-            f"| | | | {_fmt(off['wall'] / on['wall'])} |"
+            f"| `{record['config']}` | {on['wall']:.0f} s | {off['wall']:.0f} s | "
+            f"{_fmt(off['wall'] / on['wall'])} | {aurocs} |"
         )
     return lines
 
@@ -250,7 +289,12 @@ def results_markdown(records: dict[str, dict[str, Any]]) -> str:
         *summary_table(records),
         "",
     ]
-    kinds = (("train_step", step_section), ("profile", profile_section), ("main_run", main_section))
+    kinds = (
+        ("train_step", step_section),
+        ("profile", profile_section),
+        ("ops", ops_section),
+        ("main_run", main_section),
+    )
     for kind, section in kinds:
         for record in records.values():
             if record["kind"] == kind:

@@ -16,9 +16,12 @@ Measurements (``--only NAME,...`` picks some, ``--list`` lists them):
   plain PyTorch step of ``torch_reference.py`` (NCHW) and ``torch[channels_last]``. ResNet-18
   and EfficientNet-Lite0 at batch 32 (64 views per step); Lite0 also with its stem and blocks
   0-10 frozen (the demo's and the long CIFAR-10 benchmark's setting) and at batch 16 with XLA's
-  lowering (at batch 32 that lowering needs more than 10 GB of memory).
+  lowering too (all-trained Lite0 at batch 32 takes about 6 GB per JAX process, so that run
+  keeps to one JAX and one PyTorch worker).
 * ``profile_*``: where one step's time goes per kind of operation, both lowerings
   (``profile_train_step.py --mode trace``).
+* ``ops``: each operation the CPU lowering replaces, alone, forward and gradients, with both
+  lowerings (``cpu_lowering_ops.py``).
 * ``demo`` and ``smoke``: wall time of the whole ``python -m msad_jax.main`` run of
   ``configs/demo.py`` and ``configs/smoke.py`` with the CPU lowering on and off, alternated, each
   in a fresh working directory; also the final ROC-AUC of each run.
@@ -95,7 +98,7 @@ class StepRun:
 
 STEP_RUNS = (
     StepRun("step_resnet18_b32", "resnet18", 32),
-    StepRun("step_lite0_b32", "efficientnet_lite0", 32, xla_lowering=False),
+    StepRun("step_lite0_b32", "efficientnet_lite0", 32, xla_lowering=False, channels_last=False),
     StepRun("step_lite0_b32_frozen0-10", "efficientnet_lite0", 32, frozen=LITE0_FROZEN),
     StepRun("step_lite0_b16", "efficientnet_lite0", 16, channels_last=False, repetitions=3),
 )
@@ -104,6 +107,16 @@ PROFILE_RUNS = {
     "profile_lite0_b8": ["--backbone=efficientnet_lite0", "--batch=8", "--frozen=none"],
 }
 MAIN_RUNS = {"demo": ("configs/demo.py", 2), "smoke": ("configs/smoke.py", 3)}
+
+
+def run_ops() -> dict[str, Any]:
+    """Runs ``cpu_lowering_ops.py`` (each lowered operation alone); returns its record."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "record.json")
+        command = [sys.executable, os.path.join(HERE, "cpu_lowering_ops.py"), f"--record={path}"]
+        subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
 
 
 def run_step(run: StepRun) -> dict[str, Any]:
@@ -211,6 +224,7 @@ def measurements() -> dict[str, Callable[[], dict[str, Any]]]:
         table[run.name] = lambda run=run: run_step(run)
     for name, argv in PROFILE_RUNS.items():
         table[name] = lambda argv=argv: run_profile(argv)
+    table["ops"] = run_ops
     for name, (config, repetitions) in MAIN_RUNS.items():
         table[name] = lambda n=name, c=config, r=repetitions: run_main(n, c, r)
     return table
@@ -231,18 +245,29 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"error: unknown --only {unknown}; choose from {list(table)}")
     os.makedirs(args.records, exist_ok=True)
+    failed: list[str] = []
     for name in names:
         path = os.path.join(args.records, f"{name}.json")
         if os.path.exists(path):
             print(f"{path} exists: kept (move it away to measure again)", file=sys.stderr)
             continue
         print(f"== {name} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
-        record = {"name": name, **table[name]()}
+        try:
+            record = {"name": name, **table[name]()}
+        except (
+            RuntimeError,
+            subprocess.CalledProcessError,
+        ) as err:  # e.g. a worker ran out of memory
+            failed.append(name)
+            print(f"{name} failed, no record written: {err}", file=sys.stderr)
+            continue
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=1)
         os.replace(tmp, path)
         print(f"wrote {path}", file=sys.stderr)
+    if failed:
+        raise SystemExit(f"error: no record for {failed}; see the messages above")
 
 
 if __name__ == "__main__":

@@ -3,20 +3,28 @@
 Two measurements, each JAX contender in its own process (XLA flags are read at start-up):
 
 ``--mode layers``: for ResNet-18's main convolution shapes, the forward convolution, the input
-gradient (dx) and the weight gradient (dW) under ``jax.jit``, and PyTorch's forward,
-forward+dx and forward+dW, reported as GFLOP per second of *process CPU time* (all threads),
-which is far less sensitive to other jobs on shared cores than wall time.
+gradient (dx) and the weight gradient (dW) under ``jax.jit`` with YNNPACK's and with Eigen's
+convolutions (msad_jax's default), and PyTorch's forward, forward+dx and forward+dW, reported as
+GFLOP per second of *process CPU time* (all threads), which is far less sensitive to other jobs on
+shared cores than wall time.
 
-``--mode trace``: one training step of msad_jax (ResNet-18, 224, ``--batch`` images x 2 views)
-under ``jax.profiler`` with ``--xla_cpu_enable_xprof_traceme``; the XLA:CPU operations of the
-trace are grouped into weight-gradient convolutions, other convolutions, layout transposes,
-max-pool (reduce-window / select-and-scatter) and the rest. Convolutions run by Eigen do not
-appear in the trace (only YNNPACK fusions do), so use the default flags for this mode.
+``--mode trace``: one training step of msad_jax (``--backbone`` at ``--size``, ``--batch``
+images x 2 views, ``--frozen``) under ``jax.profiler`` with ``--xla_cpu_enable_xprof_traceme``,
+for msad_jax's default (CPU lowering on) and each ``--variant`` (default: XLA's lowering,
+``MSAD_JAX_CPU_LOWERING=0``). The executed XLA:CPU operations are grouped by kind (convolution
+forward / input gradient / weight gradient, depthwise convolution parts, matrix products,
+max-pool, layout transposes, reductions, elementwise; see :func:`classify`). Eigen runs
+convolutions asynchronously and the trace only shows their launch: the stretches of the step
+during which no traced operation runs are credited to the convolution or matrix product
+launched last (:func:`group_trace`). Operation times overlap on the two cores, so the shares are
+what to read. ``--record`` writes the result as JSON.
 
 Usage (repository root)::
 
     python benchmarks/profile_train_step.py --mode layers
-    python benchmarks/profile_train_step.py --mode trace --batch 8
+    python benchmarks/profile_train_step.py --mode trace --backbone resnet18 --batch 8
+    python benchmarks/profile_train_step.py --mode trace --backbone efficientnet_lite0 \
+        --frozen none --batch 8
 """
 
 from __future__ import annotations
@@ -188,7 +196,14 @@ def classify(text: str) -> str:
         return GROUPS[4]
     if "depthwise_conv" in names:
         return GROUPS[3]
-    if "max_pool" in names or re.search(r"\b(select-and-scatter|scatter|reduce-window)\(", text):
+    rank4 = re.search(r"= \(?[a-z0-9]+\[\d+,\d+,\d+,\d+\]", text.splitlines()[0])
+    # XLA:CPU expands select-and-scatter (max-pool's gradient) into a 4-D iota, a reduce-window
+    # over (value, index) pairs and a scatter.
+    if (
+        "max_pool" in names
+        or re.search(r"\b(select-and-scatter|scatter|reduce-window)\(", text)
+        or (rank4 and re.search(r"\biota\(", text))
+    ):
         return GROUPS[7]
     conv = _CONV.search(text)
     if conv:

@@ -15,9 +15,10 @@ XLA:CPU (jaxlib 0.10) runs the backward passes of some layers far below what the
 This module gives the same functions another lowering, chosen when a function is traced for the
 CPU backend:
 
-* depthwise convolutions: ``k*k`` shifted multiply-adds, which XLA fuses into one loop; their
-  automatic derivatives are again fused shifted adds (input gradient) and one reduction per tap
-  (weight gradient);
+* depthwise convolutions: ``k*k`` shifted multiply-adds, which XLA fuses into one loop; the
+  input gradient is the same on the (stride-dilated) output gradient with the kernel flipped,
+  the weight gradient one reduction per tap (over chunks of the batch, in a loop: XLA:CPU
+  materialises the shifted views a reduction reads, and the loop bounds their memory);
 * 1x1 convolutions without padding: one matrix product over channels (of the strided input for
   stride 2), in float32 accumulation;
 * max-pooling: the forward pass is XLA's ``reduce_window``; the backward pass (``custom_vjp``)
@@ -83,23 +84,27 @@ def _window_taps(
     ]
 
 
-def _depthwise_taps(
-    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
+def _shifted_sum(
+    padded: jax.Array, kernel: jax.Array, strides: tuple[int, int], out: tuple[int, int]
 ) -> jax.Array:
-    """Sum over the window of each strided input view times its per-channel weight."""
+    """Sum over the window of each strided view of ``padded`` times its per-channel weight."""
     kh, kw = kernel.shape[:2]
-    out = (
-        _output_size(x.shape[1], kh, strides[0], padding[0]),
-        _output_size(x.shape[2], kw, strides[1], padding[1]),
-    )
-    dtype = _accumulation_dtype(x.dtype)
-    padded = jnp.pad(x.astype(dtype), ((0, 0), padding[0], padding[1], (0, 0)))
-    weights = kernel.astype(dtype).reshape(kh * kw, -1)
+    weights = kernel.reshape(kh * kw, -1)
     taps = _window_taps(padded, (kh, kw), strides, out)
     result = taps[0] * weights[0]
     for tap, weight in zip(taps[1:], weights[1:], strict=True):
         result = result + tap * weight
-    return result.astype(x.dtype)
+    return result
+
+
+#: Upper bound on the bytes of the shifted views one step of the weight gradient's loop holds.
+_VIEW_BYTES = 64 * 2**20
+
+
+def _images_per_chunk(n: int, bytes_per_image: int) -> int:
+    """Largest divisor of ``n`` whose chunk of images stays within :data:`_VIEW_BYTES`."""
+    limit = max(1, _VIEW_BYTES // max(bytes_per_image, 1))
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= limit)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -107,23 +112,66 @@ def _depthwise(
     x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding
 ) -> jax.Array:
     with jax.named_scope("depthwise_conv"):
-        return _depthwise_taps(x, kernel, strides, padding)
+        kh, kw = kernel.shape[:2]
+        out = (
+            _output_size(x.shape[1], kh, strides[0], padding[0]),
+            _output_size(x.shape[2], kw, strides[1], padding[1]),
+        )
+        dtype = _accumulation_dtype(x.dtype)
+        padded = jnp.pad(x.astype(dtype), ((0, 0), *padding, (0, 0)))
+        return _shifted_sum(padded, kernel.astype(dtype), strides, out).astype(x.dtype)
 
 
 def _depthwise_fwd(x, kernel, strides, padding):
     return _depthwise(x, kernel, strides, padding), (x, kernel)
 
 
+def _depthwise_input_gradient(g, kernel, strides, padding, size):
+    """The depthwise convolution's input gradient (its transposed convolution).
+
+    A stride-1 depthwise convolution of the output gradient, dilated by the stride and padded so
+    that the result has the input's ``size``, with the kernel flipped: one fused loop, like the
+    forward pass.
+    """
+    pads = [(0, 0, 0)]
+    for length, k, s, (lo, hi) in zip(size, kernel.shape[:2], strides, padding, strict=True):
+        rest = (length + lo + hi - k) % s  # input rows/columns no window reached
+        pads.append((k - 1 - lo, k - 1 - hi + rest, s - 1))
+    dilated = lax.pad(g, jnp.zeros((), g.dtype), (*pads, (0, 0, 0)))
+    return _shifted_sum(dilated, kernel[::-1, ::-1], (1, 1), size)
+
+
+def _depthwise_weight_gradient(x, g, window, strides, padding):
+    """One reduction per tap of (shifted input view x output gradient), ``[kh*kw, C]``.
+
+    XLA:CPU materialises the views its reductions read; looping over chunks of the batch
+    (``lax.scan``) bounds them to :data:`_VIEW_BYTES` instead of ``kh*kw`` activations.
+    """
+    n, c = x.shape[0], x.shape[3]
+    out = g.shape[1:3]
+    taps = window[0] * window[1]
+    chunk = _images_per_chunk(n, taps * out[0] * out[1] * c * x.dtype.itemsize)
+
+    def step(total, chunk_xg):
+        xc, gc = chunk_xg
+        padded = jnp.pad(xc, ((0, 0), *padding, (0, 0)))
+        views = _window_taps(padded, window, strides, out)
+        return total + jnp.stack([jnp.sum(v * gc, axis=(0, 1, 2)) for v in views]), None
+
+    chunks = (x.reshape(n // chunk, chunk, *x.shape[1:]), g.reshape(n // chunk, chunk, *out, c))
+    total, _ = lax.scan(step, jnp.zeros((taps, c), x.dtype), chunks)
+    return total
+
+
 def _depthwise_bwd(strides, padding, residuals, g):
-    # JAX's own derivatives of the shifted multiply-adds, each under its own name (for profiles):
-    # the input gradient is again a fused sum of shifted (padded, dilated) views, the weight
-    # gradient one reduction per tap.
     x, kernel = residuals
+    dtype = _accumulation_dtype(x.dtype)
+    wide_x, g, wide_kernel = x.astype(dtype), g.astype(dtype), kernel.astype(dtype)
     with jax.named_scope("depthwise_conv_input_gradient"):
-        (dx,) = jax.vjp(lambda x: _depthwise_taps(x, kernel, strides, padding), x)[1](g)
+        dx = _depthwise_input_gradient(g, wide_kernel, strides, padding, x.shape[1:3])
     with jax.named_scope("depthwise_conv_weight_gradient"):
-        (dk,) = jax.vjp(lambda k: _depthwise_taps(x, k, strides, padding), kernel)[1](g)
-    return dx, dk
+        dk = _depthwise_weight_gradient(wide_x, g, kernel.shape[:2], strides, padding)
+    return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
@@ -136,7 +184,9 @@ def depthwise_conv(
 
     Equals ``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC',
     'HWIO', 'NHWC'), feature_group_count=C)`` up to rounding, accumulating in float32 (or
-    float64). Its gradients are JAX's derivatives of the same multiply-adds.
+    float64). Its input gradient is again a sum of shifted views (of the dilated output
+    gradient, with the kernel flipped), its weight gradient one reduction per tap, computed over
+    chunks of the batch in a loop to bound memory.
 
     Args:
       x: input ``[N, H, W, C]``.
