@@ -14,17 +14,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 from msad_jax.data.protocols import DATASETS
+from msad_jax.errors import InputError
 from msad_jax.models import list_backbones
 
 LOSSES = ("msc", "contrastive")
+# Keys of earlier versions, still accepted: what each became.
+LEGACY_KEYS = {"threshold_quantile": "threshold_fpr"}
 DTYPES = ("float32", "bfloat16")
 METHODS = ("bilinear", "bicubic")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration is invalid; the message names the key and what to do."""
 
 
@@ -37,7 +41,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # TFDS data_dir ('' = TFDS default); for 'folder': the directory or .zip
     c.manual_dir = ""  # TFDS manual download directory ('' = <data_dir>/downloads/manual)
     c.download = True  # let TFDS prepare a missing dataset (needs TensorFlow and the internet)
-    c.image_size = 0  # resize stored images to this square side (0 = native / folder default)
+    # Resize stored images to this square side (shorter side + center crop). 0 = automatic:
+    # folders/zips: images larger than 256 or of mixed sizes become 256x256 while decoding,
+    # one common size up to 256 is kept; TFDS: native size (CatsVsDogs: 256).
+    c.image_size = 0
     c.train_images = 0  # use a seeded subset of this many training images (0 = all; not SPEC)
     c.test_images = 0  # use a seeded, class-stratified subset of test images (0 = all; not SPEC)
     c.synthetic_size = 32  # 'synthetic' only: image side
@@ -69,7 +76,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 256  # global batch for feature extraction
     c.eval_every_epochs = 1  # 0 = only at epoch 0 and at the end
     c.knn_memory_budget_mb = 256
-    c.threshold_quantile = 0.95  # Detector.predict: anomaly above this quantile of train scores
+    # Decision threshold (Detector.predict, score/export commands), from normal images only
+    # (msad_jax.calibration): the target false-positive rate on normal images...
+    c.threshold_fpr = 0.05
+    # ...set from the leave-one-out kNN scores of the gallery (0), or from this fraction of the
+    # normal training images, held out from training and from the gallery (not SPEC: fewer
+    # training images; for long fine-tuning, see benchmarks/results/threshold_calibration.md).
+    c.calibration_holdout = 0.0
     # Checkpoints and logging.
     c.checkpoint_every_steps = 200  # also at the end of every epoch; 0 = epoch ends only
     c.keep_checkpoints = 2
@@ -86,7 +99,7 @@ def _flat_keys(config: Mapping[str, Any]) -> list[str]:
 def check_keys(keys: Iterable[str]) -> None:
     """Raises ConfigError for keys that are not part of :func:`default_config`."""
     valid = set(_flat_keys(default_config()))
-    unknown = sorted(set(keys) - valid)
+    unknown = sorted(set(keys) - valid - set(LEGACY_KEYS))
     if unknown:
         raise ConfigError(
             f"Unknown config key(s) {', '.join(unknown)}; valid keys are: "
@@ -106,6 +119,33 @@ def _positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = 
         if value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"config.{key}={value} must be {bound}.")
+
+
+def _fold_threshold_quantile(config: ml_collections.ConfigDict) -> None:
+    """Sets ``threshold_fpr = 1 - threshold_quantile`` for configs of earlier versions.
+
+    ``threshold_quantile = q`` set the threshold at the ``q`` quantile of the normal training
+    scores, i.e. at a false-positive rate of ``1 - q``.
+    """
+    if "threshold_quantile" not in config:
+        return
+    quantile = config.threshold_quantile
+    if not 0.0 < quantile < 1.0:
+        raise ConfigError(f"config.threshold_quantile={quantile} must lie in (0, 1).")
+    fpr = round(1.0 - quantile, 12)
+    default = default_config().threshold_fpr
+    if config.threshold_fpr not in (default, fpr):
+        raise ConfigError(
+            f"config.threshold_quantile={quantile} (an earlier name: threshold_fpr = 1 - "
+            f"quantile = {fpr:g}) contradicts config.threshold_fpr={config.threshold_fpr}; "
+            "set only config.threshold_fpr."
+        )
+    config.threshold_fpr = fpr
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    """The model's compute dtype (``config.dtype``)."""
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -151,9 +191,16 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         "test_images",
         allow_zero=True,
     )
-    if not 0.0 < config.threshold_quantile < 1.0:
+    _fold_threshold_quantile(config)
+    if not 0.0 < config.threshold_fpr < 1.0:
         raise ConfigError(
-            f"config.threshold_quantile={config.threshold_quantile} must lie in (0, 1)."
+            f"config.threshold_fpr={config.threshold_fpr} must lie in (0, 1) (0.05 = 5% of "
+            "normal images flagged)."
+        )
+    if not 0.0 <= config.calibration_holdout < 1.0:
+        raise ConfigError(
+            f"config.calibration_holdout={config.calibration_holdout} must lie in [0, 1) "
+            "(0 = leave-one-out scores of the gallery)."
         )
     if config.crop < -1:
         raise ConfigError(f"config.crop={config.crop}: use -1 (default), 0 (no crop) or a size.")

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from msad_jax.errors import InputError
+
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
@@ -47,7 +49,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        raise InputError(f"environment variable {name}={value!r} must be an integer") from None
 
 
 def resolve_settings(
@@ -70,14 +72,14 @@ def resolve_settings(
     if process_id is None:
         process_id = _env_int(PROCESS_ID_ENV)
     if coordinator_address is not None and ":" not in coordinator_address:
-        raise ValueError(
+        raise InputError(
             f"coordinator address {coordinator_address!r} needs a port: pass host:port of "
             "process 0, e.g. 10.0.0.1:12345"
         )
     if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes={num_processes} must be >= 1")
+        raise InputError(f"num_processes={num_processes} must be >= 1")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-        raise ValueError(
+        raise InputError(
             f"process_id={process_id} must lie in [0, num_processes={num_processes}); number the "
             "processes 0, 1, ..., num_processes - 1"
         )
@@ -129,7 +131,7 @@ def initialize(
         return False
     missing = [k for k, v in given.items() if v is None]
     if missing and not auto:
-        raise ValueError(
+        raise InputError(
             f"multi-process settings incomplete: {', '.join(missing)} not given; pass "
             "--coordinator_address, --num_processes and --process_id (or set "
             f"{COORDINATOR_ENV}, {NUM_PROCESSES_ENV}, {PROCESS_ID_ENV}), or --distributed_auto "

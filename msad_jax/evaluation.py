@@ -26,6 +26,19 @@ from msad_jax.features import FeatureFn, extract_features, extract_features_and_
 PyTree = Any
 
 
+class NonFiniteFeaturesError(ValueError):
+    """The model gives NaN or infinite features: its parameters, not the scorer, are at fault."""
+
+
+def check_finite_features(features: np.ndarray, what: str) -> None:
+    """Raises :class:`NonFiniteFeaturesError` if ``features`` hold a NaN or infinity."""
+    bad = int(np.sum(~np.isfinite(features).all(axis=-1)))
+    if bad:
+        raise NonFiniteFeaturesError(
+            f"{bad} of {len(features)} {what} have NaN or infinite features"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
     """Scores and metrics of one evaluation.
@@ -140,6 +153,9 @@ def evaluate(
 
     Returns:
       The :class:`Evaluation`.
+
+    Raises:
+      NonFiniteFeaturesError: the model's features are not finite (no scores are computed).
     """
     if center:
         gallery, mean = gallery_and_center(
@@ -153,6 +169,8 @@ def evaluate(
         gallery = features_of(extractor, variables, data.train_images, batch_size=batch_size)
         mean = None
     test = features_of(extractor, variables, data.test_images, batch_size=batch_size)
+    check_finite_features(gallery, "training images")
+    check_finite_features(test, "test images")
     scores = np.asarray(
         knn.knn_scores(gallery, test, k, memory_budget_bytes=memory_budget_bytes), np.float64
     )

@@ -5,19 +5,25 @@ The anomaly score of a query is the sum of squared L2 distances to its ``k`` nea
 
 How it is computed:
 
-* Distances use ``||q||^2 + ||g||^2 - 2 q.g`` with ``precision=HIGHEST`` on the matmuls, in at
-  least float32, and are clamped at 0. Nothing assumes unit-norm inputs. (On CPU, HIGHEST costs
-  nothing: float32 dots are float32 either way; measured equal times.)
-* Ranking only needs ``s = ||g||^2 - (2q).g`` per query (``||q||^2`` is a per-query constant and
-  ``max(., 0)`` is monotone), so selection runs on ``s`` and ``||q||^2`` is added to the ``k``
-  winners only. Masked gallery rows get ``||g||^2 = +inf``: they are never selected, at no
-  per-element cost. The factor 2 is applied to the query chunk (exact), never to the gallery.
+* Selection uses ``||q||^2 + ||g||^2 - 2 q.g`` with ``precision=HIGHEST`` on the matmuls, in at
+  least float32. Nothing assumes unit-norm inputs. (On CPU, HIGHEST costs nothing: float32 dots
+  are float32 either way; measured equal times.)
+* Ranking only needs ``s = ||g||^2 - (2q).g`` per query (``||q||^2`` is a per-query constant),
+  so selection runs on ``s``. Masked gallery rows get ``||g||^2 = +inf``: they are never
+  selected, at no per-element cost. The factor 2 is applied to the query chunk (exact), never to
+  the gallery.
+* The distances of the ``k`` selected rows are then recomputed as ``sum((q - g)^2)`` from the rows
+  themselves (a gather of ``k`` rows per query). The expanded form cancels: for unit vectors its
+  float32 error is about 1e-7 absolute whatever the distance, i.e. ~1e-5 relative for the small
+  distances of normal images; the direct form is accurate to float32 rounding of the distance, so
+  scores no longer depend on how a matmul was blocked (needed for exported scorers to score like
+  the detector, :mod:`msad_jax.export`).
 * Queries are processed in chunks by one jitted ``lax.map`` over chunk indices, so there is one
   compilation per shape and no host round trip per chunk. Chunks are dynamic slices (the last one
   is moved back to end at the last query), so neither the queries nor the gallery are copied or
   padded. Chunk sizes come from a memory budget (:func:`plan_scoring`); if even a small chunk
   does not fit, the gallery is also split into tiles scanned with a running top-k merge.
-* Selection (:func:`_smallest_keys`) is exact and two-stage when the gallery size allows: the
+* Selection (:func:`_smallest_distances`) is exact and two-stage when the gallery size allows: the
   minimum of ``s`` over groups of consecutive gallery rows is fused into the matmul by XLA:CPU (the
   ``[chunk, gallery]`` block is never written), a top-k over the group minima picks ``k`` groups,
   and their rows are re-scored exactly. Otherwise a plain ``lax.top_k`` runs on the block.
@@ -100,7 +106,7 @@ def _bytes_per_query(tile: int, group: int, k: int, dim: int, itemsize: int) -> 
     """Working bytes per query row of a chunk, for one gallery tile (see :func:`plan_scoring`)."""
     # The query chunk and its doubled copy, and the [chunk, tile] block of keys: XLA writes it
     # for a plain top-k, and XLA:CPU's fused matmul-reduce (YNNPACK) also holds it internally.
-    per_query = 2 * dim + tile
+    per_query = 2 * dim + tile + k * dim  # ... and the k selected rows, gathered to refine
     if group > 1:
         per_query += 2 * (tile // group)  # group minima and their transposed, negated copy
         per_query += k * group * (dim + 2)  # gathered candidate rows, their norms and keys
@@ -138,9 +144,10 @@ def plan_scoring(
     """Chooses chunk, tile and group sizes so the working buffers fit ``memory_budget_bytes``.
 
     Memory model, per query row of a chunk, in units of ``itemsize``: ``2 * dim`` for the query
-    chunk and its doubled copy, ``tile`` for the ``[chunk, tile]`` block of keys, and for the
-    two-stage selection also ``2 * tile / group + k * group * (dim + 2)`` (group minima and their
-    transposed copy, then the gathered candidate rows). Checked against XLA's compiled temp sizes
+    chunk and its doubled copy, ``tile`` for the ``[chunk, tile]`` block of keys, ``k * dim`` for
+    the selected rows (gathered to refine their distances), and for the two-stage selection also
+    ``2 * tile / group + k * group * (dim + 2)`` (group minima and their transposed copy, then
+    the gathered candidate rows). Checked against XLA's compiled temp sizes
     and the measured peak RSS of a call (the fused matmul-reduce holds the block internally,
     which the compiled temp size does not show). The whole gallery is one tile when a chunk of at
     least :data:`MIN_QUERY_CHUNK` queries fits; then the chunk is the largest that fits (at most
@@ -209,11 +216,18 @@ def plan_scoring(
 
 def _select_smallest(
     values: jax.Array, k: int, approximate: bool, recall_target: float
-) -> jax.Array:
-    """Returns the ``k`` smallest entries of each row of ``values``, ascending."""
+) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` smallest entries of each row of ``values``, ascending, and their positions."""
     if approximate:
-        return lax.approx_min_k(values, k, recall_target=recall_target)[0]
-    return -lax.top_k(-values, k)[0]
+        return lax.approx_min_k(values, k, recall_target=recall_target)
+    negated, positions = lax.top_k(-values, k)
+    return -negated, positions
+
+
+def _refined(q: jax.Array, rows: jax.Array, index: jax.Array, keys: jax.Array) -> jax.Array:
+    """``||q - rows[index]||^2`` per query ``[chunk, count]``; +inf where the key is (masked)."""
+    diff = q[:, None, :] - rows[index]
+    return jnp.where(jnp.isinf(keys), jnp.inf, jnp.sum(diff * diff, axis=-1))
 
 
 def _clamped_start(index: jax.Array, size: int, total: int) -> jax.Array:
@@ -221,7 +235,7 @@ def _clamped_start(index: jax.Array, size: int, total: int) -> jax.Array:
     return jnp.minimum(index * size, total - size)
 
 
-def _smallest_keys(
+def _smallest_distances(
     q2: jax.Array,
     rows: jax.Array,
     rows_sq: jax.Array,
@@ -230,7 +244,10 @@ def _smallest_keys(
     approximate: bool,
     recall_target: float,
 ) -> jax.Array:
-    """The ``count`` smallest ``s = ||g||^2 - (2q).g`` of each query over ``rows``, ascending.
+    """Squared distances of the rows with the ``count`` smallest ``s = ||g||^2 - (2q).g``.
+
+    Selection is by ``s``; the selected rows' distances ``||q - g||^2`` are then computed
+    directly (:func:`_refined`), in the order of ``s`` (ascending up to rounding).
 
     With ``group == 1`` this is a top-k over the ``[chunk, rows]`` block. With ``group > 1`` it is
     a two-stage exact selection: (1) the minimum of ``s`` over each group of ``group`` consecutive
@@ -247,9 +264,11 @@ def _smallest_keys(
     """
     num_rows = rows.shape[0]
     dot_dims = (((1,), (1,)), ((), ()))
+    q = q2 * 0.5  # exact
     if group == 1:
         dots = lax.dot_general(q2, rows, dot_dims, precision=lax.Precision.HIGHEST)
-        return _select_smallest(rows_sq[None, :] - dots, count, approximate, recall_target)
+        keys, index = _select_smallest(rows_sq[None, :] - dots, count, approximate, recall_target)
+        return _refined(q, rows, index, keys)
     chunk = q2.shape[0]
     num_groups = num_rows // group
     dots_t = lax.dot_general(rows, q2, dot_dims, precision=lax.Precision.HIGHEST)  # [rows, chunk]
@@ -261,7 +280,8 @@ def _smallest_keys(
     keys = rows_sq[index] - jnp.einsum(
         "cd,cnd->cn", q2, candidates, precision=lax.Precision.HIGHEST
     )
-    return _select_smallest(keys, count, approximate, recall_target)
+    keys, positions = _select_smallest(keys, count, approximate, recall_target)
+    return _refined(q, rows, jnp.take_along_axis(index, positions, axis=1), keys)
 
 
 def _local_topk(
@@ -295,7 +315,7 @@ def _local_topk(
       recall_target: recall target of the approximate mode.
 
     Returns:
-      ``[Q, k]`` distances, clamped at 0; +inf where fewer than ``k`` valid rows exist.
+      ``[Q, k]`` distances, ascending; +inf where fewer than ``k`` valid rows exist.
     """
     dtype = _compute_dtype(gallery, queries)
     gallery = gallery.astype(dtype)
@@ -311,7 +331,7 @@ def _local_topk(
     tile_k = min(k, gallery_tile)
 
     def smallest(q2: jax.Array, rows: jax.Array, rows_sq: jax.Array) -> jax.Array:
-        return _smallest_keys(q2, rows, rows_sq, tile_k, group, approximate, recall_target)
+        return _smallest_distances(q2, rows, rows_sq, tile_k, group, approximate, recall_target)
 
     def tile_step(t: jax.Array, best: jax.Array, q2: jax.Array) -> jax.Array:
         start = _clamped_start(t, gallery_tile, num_gallery)
@@ -334,8 +354,7 @@ def _local_topk(
             if tile_k < k:
                 first = jnp.pad(first, ((0, 0), (0, k - tile_k)), constant_values=jnp.inf)
             best = lax.fori_loop(1, num_tiles, lambda t, b: tile_step(t, b, q2), first)
-        q_sq = jnp.sum(q * q, axis=1, keepdims=True)
-        return jnp.maximum(best + q_sq, 0)
+        return jnp.sort(best, axis=1)  # refined distances may swap near-ties
 
     num_chunks = -(-num_queries // query_chunk)
     if num_chunks == 1:
@@ -514,6 +533,29 @@ def knn_scores(
         recall_target=recall_target,
     )
     return jnp.sum(distances, axis=1)
+
+
+def knn_scores_traceable(gallery: jax.Array, queries: jax.Array, k: int = 2) -> jax.Array:
+    """:func:`knn_scores` as a plain traceable function, for use inside other jitted functions.
+
+    No chunking or memory plan: the whole ``[Q, G]`` block of selection keys is formed (with the
+    same selection and refined distances as :func:`knn_scores`), so the number of queries may be
+    a symbolic dimension (``jax.export``). Mind its memory: ``Q * G`` values.
+
+    Args:
+      gallery: ``[G, D]`` gallery rows (``k <= G``).
+      queries: ``[Q, D]`` query rows.
+      k: number of neighbours.
+
+    Returns:
+      ``[Q]`` sums of the ``k`` smallest squared distances.
+    """
+    dtype = _compute_dtype(gallery, queries)
+    gallery = jnp.asarray(gallery, dtype)
+    queries = jnp.asarray(queries, dtype)
+    gallery_sq = jnp.sum(gallery * gallery, axis=1)
+    best = _smallest_distances(queries * 2, gallery, gallery_sq, k, 1, False, 0.95)
+    return jnp.sum(jnp.sort(best, axis=1), axis=1)  # summed in the order of knn_distances
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,8 +2,9 @@
 
 Config values are overridden on the command line, e.g. ``--config.normal_class=3`` or
 ``--config.normal_class=all``. A run started again with the same ``--workdir`` resumes.
-Misconfiguration (unknown key or dataset, missing weights or data offline, corrupt checkpoint)
-ends with a one-line message and exit status 1, without a traceback.
+Misconfiguration (unknown key or dataset, missing weights or data offline, a damaged or foreign
+checkpoint, a workdir in use) ends with a one-line message and exit status 1, without a traceback
+(``MSAD_JAX_DEBUG=1`` shows it); any other error keeps its traceback.
 
 Multi-host: start the same command on every host (one process per host) with
 ``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (or the environment

@@ -419,10 +419,11 @@ def threshold_tradeoff(
 ) -> list[dict[str, float]]:
     """What each threshold quantile of the normal training scores flags (``score > threshold``).
 
-    The threshold of quantile ``q`` is ``np.quantile(train_scores, q)`` -- how
-    :class:`msad_jax.detector.Detector` sets its threshold from the leave-one-out scores of the
-    normal training images (``train_scores`` in ``detector.npz``) -- so about ``1 - q`` of normal
-    images are false alarms.
+    The threshold of quantile ``q`` is ``np.quantile(train_scores, q)``, so about ``1 - q`` of
+    normal images are false alarms. (:class:`msad_jax.detector.Detector` sets its threshold for a
+    target false-positive rate ``fpr`` from the same leave-one-out scores, ``train_scores`` in
+    ``detector.npz``, with the rank rule of :mod:`msad_jax.calibration`; ``Detector.with_fpr``
+    gives another rate.)
 
     Args:
       train_scores: leave-one-out scores of the normal training images.

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import optax
 
+from msad_jax.errors import InputError
+
 PyTree = Any
 
 TRAINABLE = "trainable"
@@ -47,7 +49,7 @@ def param_paths(params: PyTree) -> PyTree:
 def _compile_patterns(frozen: Sequence[str]) -> list[re.Pattern[str]]:
     """Compiles the frozen patterns, rejecting a bare string and invalid regexes."""
     if isinstance(frozen, str):
-        raise ValueError(
+        raise InputError(
             f"frozen must be a sequence of patterns, got the string {frozen!r}; "
             f"write ({frozen!r},) for a single pattern"
         )
@@ -56,7 +58,7 @@ def _compile_patterns(frozen: Sequence[str]) -> list[re.Pattern[str]]:
         try:
             compiled.append(re.compile(pattern))
         except re.error as err:
-            raise ValueError(f"frozen pattern {pattern!r} is not a valid regex: {err}") from err
+            raise InputError(f"frozen pattern {pattern!r} is not a valid regex: {err}") from err
     return compiled
 
 
@@ -82,7 +84,7 @@ def trainable_mask(params: PyTree, frozen: Sequence[str] = ()) -> PyTree:
     for pattern in patterns:
         if not any(pattern.search(path) for path in paths):
             top = sorted({path.split("/")[0] for path in paths})
-            raise ValueError(
+            raise InputError(
                 f"frozen pattern {pattern.pattern!r} matches no parameter; "
                 f"top-level parameter names are {top} (e.g. use '^layer1/')"
             )
@@ -116,9 +118,9 @@ def make_optimizer(
       ValueError: for a negative rate or decay, or a frozen pattern that matches nothing.
     """
     if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        raise InputError(f"learning_rate must be > 0, got {learning_rate}")
     if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
     labels = jax.tree_util.tree_map(
         lambda trainable: TRAINABLE if trainable else FROZEN, trainable_mask(params, frozen)
     )

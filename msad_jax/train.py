@@ -13,8 +13,17 @@ one normal class it does, in order (SPEC §3-7):
 Checkpoints are written every ``config.checkpoint_every_steps`` steps and after every epoch; a run
 started again in the same ``workdir`` resumes from the newest one (parameters, optimizer state,
 step, PRNG key, center, position in the epoch's data order and the evaluation history) and ends
-with the same parameters as an uninterrupted run. A NaN loss stops the run with
-:class:`TrainingDivergedError` before anything NaN is checkpointed.
+with the same parameters as an uninterrupted run. A damaged checkpoint (see
+:mod:`msad_jax.checkpointing`) is reported in one line, moved to ``<workdir>/damaged_checkpoints/``
+and the run resumes from the newest intact one. A NaN loss, or parameters that give NaN features,
+stop the run with :class:`TrainingDivergedError` before anything NaN is checkpointed.
+
+A workdir belongs to one run: its lock (:mod:`msad_jax.workdir`) keeps a second run out while one
+is running, and a run started again must agree with the first on everything that defines the
+result (:func:`run_identity`: the recipe, the data source with a fingerprint of a folder's files,
+the image size, the subsets); otherwise it stops with one line before writing anything. It may
+ask for more epochs: ``detector.npz`` and the reports always describe one checkpoint (its step is
+recorded, and that checkpoint is kept until they are rewritten).
 
 With ``config.normal_class = 'all'`` each class runs in ``<workdir>/class_<i>_<name>/`` and the
 per-class table (with the published numbers beside ours) goes to ``<workdir>/report.{md,csv}``.
@@ -45,10 +54,16 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from msad_jax import distributed, evaluation, plots, reporting
-from msad_jax.checkpointing import CheckpointError, RunCheckpoints
-from msad_jax.config import ConfigError, validate_config
-from msad_jax.data import augment, pipeline, protocols, subsets, synthetic, transforms
+from msad_jax import calibration, distributed, evaluation, knn, plots, reporting
+from msad_jax.checkpointing import (
+    CheckpointError,
+    DamagedCheckpointError,
+    RunCheckpoints,
+    non_finite_items,
+)
+from msad_jax.config import ConfigError, compute_dtype, validate_config
+from msad_jax.data import augment, folders, pipeline, protocols, subsets, synthetic, transforms
+from msad_jax.errors import UserError
 from msad_jax.features import make_feature_extractor
 from msad_jax.metric_writer import MetricWriter
 from msad_jax.models import (
@@ -59,7 +74,14 @@ from msad_jax.models import (
     load_pretrained,
 )
 from msad_jax.optimizer import make_optimizer
+from msad_jax.run_files import (
+    DETECTOR_FILE,
+    RUN_INFO_FILE,
+    flatten_variables,
+    write_detector_file,
+)
 from msad_jax.train_step import TrainState, make_train_step, pmap_train_step, replicate_state
+from msad_jax.workdir import WorkdirBusyError, WorkdirLock, check_workdir_path
 
 PyTree = Any
 logger = logging.getLogger(__name__)
@@ -84,13 +106,14 @@ RESUME_KEYS = (
     "resize",
     "crop",
     "resize_method",
+    "calibration_holdout",
 )
-DETECTOR_FILE = "detector.npz"
-RUN_INFO_FILE = "run.json"
+SYNTHETIC_KEYS = ("synthetic_size", "synthetic_train", "synthetic_test")
+DAMAGED_DIR = "damaged_checkpoints"
 
 
-class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class TrainingDivergedError(UserError, RuntimeError):
+    """The training loss, or the model's features, became NaN or infinite."""
 
 
 class _NullWriter:
@@ -130,11 +153,6 @@ def frozen_patterns(config: ml_collections.ConfigDict, spec: BackboneSpec) -> tu
     if config.frozen == "default":
         return spec.frozen
     return tuple(p.strip() for p in config.frozen.split(",") if p.strip())
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
-    """The model's compute dtype."""
-    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -246,14 +264,66 @@ def _train_state(host: dict[str, PyTree]) -> TrainState:
     )
 
 
-def _check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict) -> None:
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != config[k]]
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What makes a workdir's result what it is; a resumed run must agree on all of it.
+
+    The :data:`RESUME_KEYS`, ``image_size``, and the data source: the sizes of the synthetic
+    data; the TFDS data_dir; for ``folder``, the folder's absolute path and the fingerprint of
+    its files (:func:`msad_jax.data.folders.file_list_fingerprint`).
+    """
+    identity: dict[str, Any] = {key: config[key] for key in RESUME_KEYS}
+    identity["image_size"] = config.image_size
+    if config.dataset == "synthetic":
+        identity.update({key: config[key] for key in SYNTHETIC_KEYS})
+    elif config.dataset != "digits":
+        identity["data_dir"] = os.path.abspath(config.data_dir) if config.data_dir else ""
+    if config.dataset == "folder":
+        identity["data_files"] = folders.file_list_fingerprint(config.data_dir)
+    return identity
+
+
+def _saved_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The identity stored in a checkpoint's progress or in run.json (older runs: their config).
+
+    Runs of versions without ``calibration_holdout`` held out no training images.
+    """
+    if "identity" in record:
+        identity = dict(record["identity"])
+    else:
+        config = record.get("config", {})
+        identity = {key: config[key] for key in RESUME_KEYS if key in config}
+    identity.setdefault("calibration_holdout", 0.0)
+    return identity
+
+
+def _check_identity(saved: dict[str, Any], identity: dict[str, Any]) -> None:
+    changed = [k for k in identity if k in saved and saved[k] != identity[k]]
     if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {config[k]!r}" for k in changed)
-        raise CheckpointError(
-            f"The workdir holds a run with a different config ({details}); use a new --workdir "
-            "or the original settings."
+        details = ", ".join(
+            "the data folder's files (names or sizes)"
+            if k == "data_files"
+            else f"{k}: {saved[k]!r} -> {identity[k]!r}"
+            for k in changed
         )
+        raise CheckpointError(
+            f"The workdir holds a run with a different config ({details}); nothing was written. "
+            "Use a new --workdir, or the original settings and data."
+        )
+
+
+def _check_run_info(workdir: str, identity: dict[str, Any]) -> None:
+    """Compares with ``run.json`` of an earlier run in ``workdir``, before anything is written."""
+    path = os.path.join(workdir, RUN_INFO_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); use a new --workdir."
+        ) from err
+    _check_identity(_saved_identity(info), identity)
 
 
 @dataclasses.dataclass
@@ -289,6 +359,7 @@ class _Run:
     config: ml_collections.ConfigDict
     workdir: str
     data: protocols.OneClassData
+    holdout_images: np.ndarray  # normal training images held out for calibration (may be empty)
     model: Any
     extractor: Any
     step_fn: Any
@@ -299,16 +370,22 @@ class _Run:
 
     def evaluate(self, state: TrainState, *, center: bool = False) -> evaluation.Evaluation:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return evaluation.evaluate(
-            self.extractor,
-            variables,
-            self.data,
-            k=self.config.knn_k,
-            batch_size=self.config.eval_batch_size,
-            memory_budget_bytes=self.config.knn_memory_budget_mb * 2**20,
-            center=center,
-            normalize_center=self.config.angular,
-        )
+        try:
+            return evaluation.evaluate(
+                self.extractor,
+                variables,
+                self.data,
+                k=self.config.knn_k,
+                batch_size=self.config.eval_batch_size,
+                memory_budget_bytes=self.config.knn_memory_budget_mb * 2**20,
+                center=center,
+                normalize_center=self.config.angular,
+            )
+        except evaluation.NonFiniteFeaturesError as err:
+            step = int(jax.device_get(state.step[0]))
+            raise _diverged(
+                self, f"At step {step} the model's features became NaN ({err})"
+            ) from err
 
 
 def _log_eval(run: _Run, epoch: int, step: int, result: evaluation.Evaluation) -> dict[str, Any]:
@@ -324,15 +401,28 @@ def _log_eval(run: _Run, epoch: int, step: int, result: evaluation.Evaluation) -
     return record
 
 
+def _diverged(run: _Run, what: str) -> TrainingDivergedError:
+    last = run.checkpoints.latest_step()
+    return TrainingDivergedError(
+        f"{what}; stopped without saving it. The last good checkpoint (step {last}) is in "
+        f"{run.checkpoints.directory}. A resumed run must keep its settings, so start a new "
+        "--workdir with a lower config.learning_rate (and config.dtype='float32' if it was "
+        "bfloat16)."
+    )
+
+
 def _check_finite(records: Sequence[tuple[int, dict[str, float]]], run: _Run) -> None:
     for step, values in records:
         if not math.isfinite(values["loss"]):
-            last = run.checkpoints.latest_step()
-            raise TrainingDivergedError(
-                f"The training loss became {values['loss']} at step {step}; stopped without "
-                f"saving it. The last good checkpoint (step {last}) is in "
-                f"{run.checkpoints.directory}. Lower config.learning_rate or use float32."
-            )
+            raise _diverged(run, f"The training loss became {values['loss']} at step {step}")
+
+
+def _checked_host_state(run: _Run, state: TrainState, center: np.ndarray) -> dict[str, PyTree]:
+    """:func:`_host_state`, refusing parameters that are no longer finite."""
+    host = _host_state(state, center)
+    if non_finite_items(host):
+        raise _diverged(run, f"The parameters became NaN or infinite by step {int(host['step'])}")
+    return host
 
 
 def _epoch_batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
@@ -388,7 +478,7 @@ def _train_epoch(
             flush()
             run.checkpoints.save(
                 global_step,
-                _host_state(state, center),
+                _checked_host_state(run, state, center),
                 {
                     **progress,
                     "epoch": epoch,
@@ -400,13 +490,82 @@ def _train_epoch(
     return state, losses
 
 
-def _write_outputs(run: _Run, final: evaluation.Evaluation, history: list[dict[str, Any]]) -> dict:
-    """Report, plots and detector file of a finished class (written by process 0 only)."""
+def _write_atomically(path: str, write: Any, mode: str = "w") -> None:
+    """Writes ``path`` through a temporary file renamed over it (a kill leaves the old one)."""
+    temporary = f"{path}.tmp"
+    encoding = None if "b" in mode else "utf-8"
+    with open(temporary, mode, encoding=encoding) as handle:
+        write(handle)
+    os.replace(temporary, path)
+
+
+def recorded_detector_step(workdir: str) -> int | None:
+    """The checkpoint step ``<workdir>/detector.npz`` was built from (None: none recorded)."""
+    try:
+        with np.load(os.path.join(workdir, DETECTOR_FILE)) as saved:
+            return int(saved["checkpoint_step"]) if "checkpoint_step" in saved else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def _calibration_scores(
+    run: _Run, variables: PyTree, gallery: np.ndarray, train_scores: np.ndarray
+) -> tuple[str, np.ndarray]:
+    """``(method, scores)`` of the normal images the threshold is calibrated on.
+
+    The held-out normal training images (scored against the gallery by the final model) when
+    there are any, else the gallery's leave-one-out scores.
+    """
+    if not len(run.holdout_images):
+        return calibration.LEAVE_ONE_OUT, train_scores
+    config = run.config
+    phi = evaluation.features_of(
+        run.extractor, variables, run.holdout_images, batch_size=config.eval_batch_size
+    )
+    try:
+        evaluation.check_finite_features(phi, "held-out normal training images")
+    except evaluation.NonFiniteFeaturesError as err:
+        raise _diverged(run, f"The model's features became NaN ({err})") from err
+    budget = config.knn_memory_budget_mb * 2**20
+    scores = knn.knn_scores(gallery, phi, config.knn_k, memory_budget_bytes=budget)
+    return calibration.HOLDOUT, np.asarray(scores, np.float64)
+
+
+def _threshold_report(
+    method: str, scores: np.ndarray, fpr: float, threshold: float, final: evaluation.Evaluation
+) -> dict[str, Any]:
+    """The threshold's part of the report: how it was set and what it flags on the test images."""
+    labels = np.asarray(final.labels)
+    return {
+        "target_fpr": fpr,
+        "method": method,
+        "calibration_images": len(scores),
+        "threshold": threshold,
+        "test_fpr": calibration.flag_rate(final.scores[labels == 0], threshold),
+        "test_recall": calibration.flag_rate(final.scores[labels == 1], threshold),
+    }
+
+
+def _write_outputs(
+    run: _Run,
+    final: evaluation.Evaluation,
+    history: list[dict[str, Any]],
+    step: int,
+    state: TrainState,
+) -> dict:
+    """Report, plots and detector file of a finished class (written by process 0 only).
+
+    ``step`` is the checkpoint whose parameters gave ``final`` (``state``, replicated); it is on
+    disk before the detector file names it.
+    """
     config, data = run.config, run.data
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     train_scores = evaluation.leave_one_out_scores(
         final.gallery, config.knn_k, memory_budget_bytes=config.knn_memory_budget_mb * 2**20
     )
-    threshold = float(np.quantile(train_scores, config.threshold_quantile))
+    method, calibration_scores = _calibration_scores(run, variables, final.gallery, train_scores)
+    fpr = float(config.threshold_fpr)
+    threshold = calibration.threshold_at_fpr(calibration_scores, fpr)
     evals = [h for h in history if "auroc" in h]
     report = {
         "dataset": config.dataset,
@@ -421,23 +580,39 @@ def _write_outputs(run: _Run, final: evaluation.Evaluation, history: list[dict[s
         "final": dict(final.metrics),
         "history": history,
         "threshold": threshold,
-        "threshold_quantile": config.threshold_quantile,
+        "threshold_quantile": 1.0 - fpr,  # the name of earlier versions, for their readers
+        "calibration": _threshold_report(method, calibration_scores, fpr, threshold, final),
+        "checkpoint_step": step,
     }
+    run.checkpoints.wait()
     if not distributed.is_main_process():
         return report  # every process has the same report; process 0 writes it
-    np.savez(
+    host_variables = jax.device_get(jax.tree.map(lambda x: x[0], variables))
+    write_detector_file(
         os.path.join(run.workdir, DETECTOR_FILE),
-        gallery=final.gallery,
-        train_scores=train_scores,
-        test_scores=final.scores,
-        test_labels=final.labels,
-        threshold=np.asarray(threshold),
-        image_side=np.asarray(data.train_images.shape[1]),
+        {
+            "gallery": final.gallery,
+            "train_scores": train_scores,
+            "calibration_scores": calibration_scores,
+            "calibration": np.asarray(method),
+            "target_fpr": np.asarray(fpr),
+            "test_scores": final.scores,
+            "test_labels": final.labels,
+            "threshold": np.asarray(threshold),
+            "image_side": np.asarray(data.train_images.shape[1]),
+            "knn_k": np.asarray(config.knn_k),
+            "checkpoint_step": np.asarray(step),
+            **flatten_variables(host_variables),
+        },
     )
-    with open(os.path.join(run.workdir, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    with open(os.path.join(run.workdir, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write(_class_markdown(report))
+    _write_atomically(
+        os.path.join(run.workdir, "report.json"),
+        lambda handle: json.dump(report, handle, indent=2),
+    )
+    _write_atomically(
+        os.path.join(run.workdir, "report.md"),
+        lambda handle: handle.write(_class_markdown(report)),
+    )
     if config.plots:
         title = f"{config.dataset} class {data.normal_class} ({data.normal_class_name})"
         plots.plot_roc(final.labels, final.scores, os.path.join(run.workdir, "roc.png"), title)
@@ -460,6 +635,19 @@ def _write_outputs(run: _Run, final: evaluation.Evaluation, history: list[dict[s
     return report
 
 
+def _threshold_markdown(calibrated: dict[str, Any]) -> str:
+    source = {
+        calibration.LEAVE_ONE_OUT: "leave-one-out scores of the {n} normal training images",
+        calibration.HOLDOUT: "{n} normal training images held out from training and gallery",
+    }[calibrated["method"]].format(n=calibrated["calibration_images"])
+    return (
+        f"Threshold {calibrated['threshold']:.6g}, set for a false-positive rate of "
+        f"{100 * calibrated['target_fpr']:.3g}% from the {source}. On the test images it flags "
+        f"{100 * calibrated['test_fpr']:.2f}% of the normal ones (false positives) and "
+        f"{100 * calibrated['test_recall']:.2f}% of the anomalous ones."
+    )
+
+
 def _class_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# {report['dataset']}: normal class {report['normal_class']} ({report['class_name']})",
@@ -479,13 +667,121 @@ def _class_markdown(report: dict[str, Any]) -> str:
             f"| {h['epoch']} | {100 * h['auroc']:.2f} | {100 * h['average_precision']:.2f} | "
             f"{100 * h['fpr_at_95_tpr']:.2f} | {loss} |"
         )
-    lines += [
-        "",
-        f"Threshold ({report['threshold_quantile']} quantile of leave-one-out training "
-        f"scores): {report['threshold']:.6g}.",
-        "",
-    ]
+    lines += ["", _threshold_markdown(report["calibration"]), ""]
     return "\n".join(lines)
+
+
+def split_holdout(
+    config: ml_collections.ConfigDict, data: protocols.OneClassData
+) -> tuple[protocols.OneClassData, np.ndarray]:
+    """``(data without the held-out images, held-out images)`` for ``config.calibration_holdout``.
+
+    A seeded fraction of the normal training images is kept out of training and of the gallery,
+    to calibrate the threshold on (none when the fraction is 0).
+    """
+    if not config.calibration_holdout:
+        return data, data.train_images[:0]
+    keep, held = calibration.holdout_split(
+        len(data.train_images), config.calibration_holdout, config.seed
+    )
+    kept = dataclasses.replace(data, train_images=data.train_images[keep])
+    return kept, data.train_images[held]
+
+
+def _check_enough_images(
+    config: ml_collections.ConfigDict, data: protocols.OneClassData, held_out: int
+) -> None:
+    if len(data.train_images) <= config.knn_k:
+        raise ConfigError(
+            f"config.knn_k={config.knn_k} needs more than {config.knn_k} training images; this "
+            f"problem has {len(data.train_images)}: lower config.knn_k or use more images."
+        )
+    calibrating = held_out or len(data.train_images)
+    needed = calibration.min_calibration_scores(config.threshold_fpr)
+    if calibrating < needed:
+        what = "held-out" if held_out else "training"
+        raise ConfigError(
+            f"config.threshold_fpr={config.threshold_fpr} needs at least {needed} {what} normal "
+            f"images to set the threshold from; this run has {calibrating}: raise "
+            "config.threshold_fpr"
+            + (" or config.calibration_holdout." if held_out else " or use more images.")
+        )
+
+
+def _initial_state(variables: dict[str, PyTree], tx: Any, seed: int) -> TrainState:
+    return TrainState(
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(variables["params"]),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(seed),
+    )
+
+
+def _template(fresh: TrainState, feature_dim: int) -> dict[str, PyTree]:
+    """The shape of the checkpointed state (what :func:`_host_state` returns)."""
+    return {
+        "params": fresh.params,
+        "batch_stats": fresh.batch_stats,
+        "opt_state": fresh.opt_state,
+        "step": np.zeros((), np.int32),
+        "rng": np.asarray(jax.random.key_data(fresh.rng)),
+        "center": np.zeros((feature_dim,), np.float32),
+    }
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def restore_newest_intact(
+    checkpoints: RunCheckpoints, template: dict[str, PyTree], identity: dict[str, Any], workdir: str
+) -> tuple[dict[str, PyTree], dict[str, Any]] | None:
+    """The newest intact checkpoint of this run, moving damaged ones aside; None if none is left.
+
+    Each checkpoint's record is compared with ``identity`` first (a different run is refused, not
+    moved). A damaged one is reported in one log line and moved to ``<workdir>/damaged_checkpoints``
+    (by process 0; every process then sees the same checkpoints).
+
+    Raises:
+      CheckpointError: a checkpoint of a different run or model.
+    """
+    damaged = 0
+    for step in reversed(checkpoints.all_steps()):
+        try:
+            _check_identity(_saved_identity(checkpoints.read_progress(step)), identity)
+            return checkpoints.restore(template, step)
+        except DamagedCheckpointError as err:
+            damaged += 1
+            if distributed.is_main_process():
+                moved = checkpoints.move_aside(step, os.path.join(workdir, DAMAGED_DIR))
+                logger.warning("%s; moved it to %s, trying the one before.", err, moved)
+            _sync_processes(f"msad_jax_moved_checkpoint_{step}")
+            checkpoints.reload()
+    if damaged:
+        logger.warning(
+            "No intact checkpoint is left in %s; starting afresh.", checkpoints.directory
+        )
+    return None
+
+
+def _write_run_info(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    prep: transforms.Preprocessing,
+    identity: dict[str, Any],
+) -> None:
+    info = {
+        "config": config.to_dict(),
+        "preprocessing": dataclasses.asdict(prep),
+        "identity": identity,
+    }
+    _write_atomically(
+        os.path.join(workdir, RUN_INFO_FILE), lambda handle: json.dump(info, handle, indent=2)
+    )
 
 
 def train_one_class(
@@ -493,12 +789,25 @@ def train_one_class(
 ) -> dict[str, Any]:
     """Trains and evaluates with one normal class; resumes from ``workdir`` when possible.
 
+    Nothing is written to ``workdir`` before the run is known to be this workdir's run (or the
+    first one there).
+
     Returns:
       The report (also written to ``<workdir>/report.json``).
+
+    Raises:
+      CheckpointError: ``workdir`` holds a different run.
     """
     os.makedirs(workdir, exist_ok=True)
-    data = load_data(config, normal_class)
+    identity = run_identity(config)
+    _check_run_info(workdir, identity)
+    data, holdout_images = split_holdout(config, load_data(config, normal_class))
     logger.info("%s", data.summary())
+    if len(holdout_images):
+        logger.info(
+            "%d normal training images held out to calibrate the threshold.", len(holdout_images)
+        )
+    _check_enough_images(config, data, len(holdout_images))
     model, variables, spec = model_and_variables(config)
     prep = preprocessing_for(config, spec)
     frozen = frozen_patterns(config, spec)
@@ -524,58 +833,54 @@ def train_one_class(
         frozen=frozen,
     )
     steps_per_epoch, total_steps = training_steps(config, len(data.train_images))
-    run = _Run(
-        config=config,
-        workdir=workdir,
-        data=data,
-        model=model,
-        extractor=make_feature_extractor(model, transforms.make_preprocess_fn(prep)),
-        step_fn=pmap_train_step(step),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        writer=MetricWriter(workdir) if distributed.is_main_process() else _NullWriter(),
-        checkpoints=RunCheckpoints(
-            os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
-        ),
+    fresh = _initial_state(variables, tx, config.seed)
+    detector_step = recorded_detector_step(workdir)
+    checkpoints = RunCheckpoints(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        keep_steps=() if detector_step is None else (detector_step,),
     )
-    if distributed.is_main_process():
-        with open(os.path.join(workdir, RUN_INFO_FILE), "w", encoding="utf-8") as handle:
-            json.dump(
-                {"config": config.to_dict(), "preprocessing": dataclasses.asdict(prep)},
-                handle,
-                indent=2,
-            )
+    writer: MetricWriter | _NullWriter = _NullWriter()
     try:
-        return _train_and_report(run, variables, tx)
+        resumed = restore_newest_intact(
+            checkpoints, _template(fresh, model.feature_dim), identity, workdir
+        )
+        if distributed.is_main_process():
+            resume_step = None if resumed is None else int(resumed[0]["step"])
+            writer = MetricWriter(workdir, resume_step=resume_step)
+            _write_run_info(workdir, config, prep, identity)
+        run = _Run(
+            config=config,
+            workdir=workdir,
+            data=data,
+            holdout_images=holdout_images,
+            model=model,
+            extractor=make_feature_extractor(model, transforms.make_preprocess_fn(prep)),
+            step_fn=pmap_train_step(step),
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            writer=writer,
+            checkpoints=checkpoints,
+        )
+        return _train_and_report(run, fresh, resumed, identity)
     finally:
-        run.checkpoints.close()
-        run.writer.close()
+        checkpoints.close()
+        writer.close()
 
 
-def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[str, Any]:
+def _train_and_report(
+    run: _Run,
+    fresh: TrainState,
+    resumed: tuple[dict[str, PyTree], dict[str, Any]] | None,
+    identity: dict[str, Any],
+) -> dict[str, Any]:
     config = run.config
-    fresh = TrainState(
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(variables["params"]),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key(config.seed),
-    )
-    template = {
-        "params": fresh.params,
-        "batch_stats": fresh.batch_stats,
-        "opt_state": fresh.opt_state,
-        "step": np.zeros((), np.int32),
-        "rng": np.asarray(jax.random.key_data(fresh.rng)),
-        "center": np.zeros((run.model.feature_dim,), np.float32),
-    }
-    latest = run.checkpoints.latest_step()
-    if latest is not None:
-        host, progress = run.checkpoints.restore(template)
-        _check_resume_config(progress["config"], config)
-        logger.info("Resuming from step %d (epoch %d).", latest, progress["epoch"])
+    if resumed is not None:
+        host, progress = resumed
+        logger.info("Resuming from step %d (epoch %d).", int(host["step"]), progress["epoch"])
         state = replicate_state(_train_state(host))
         center_host = host["center"]
+        progress = {**progress, "config": config.to_dict(), "identity": identity}
     else:
         state = replicate_state(fresh)
         t0 = time.perf_counter()
@@ -588,10 +893,11 @@ def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[
             "step_in_epoch": 0,
             "history": [record],
             "config": config.to_dict(),
+            "identity": identity,
         }
-        run.checkpoints.save(0, _host_state(state, center_host), progress)
+        run.checkpoints.save(0, _checked_host_state(run, state, center_host), progress)
         if run.total_steps == 0:
-            return _write_outputs(run, result, progress["history"])
+            return _write_outputs(run, result, progress["history"], 0, state)
     center = jnp.asarray(center_host)
     history: list[dict[str, Any]] = progress["history"]
     epoch, start = progress["epoch"], progress["step_in_epoch"]
@@ -628,10 +934,10 @@ def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[
                 "history": history,
                 "epoch_losses": [],
             }
-            run.checkpoints.save(steps_done, _host_state(state, center_host), progress)
+            run.checkpoints.save(steps_done, _checked_host_state(run, state, center_host), progress)
     if final is None:  # resumed after the last epoch finished, or no training steps
         final = run.evaluate(state)
-    return _write_outputs(run, final, history)
+    return _write_outputs(run, final, history, int(jax.device_get(state.step[0])), state)
 
 
 def _class_dir(workdir: str, index: int, name: str) -> str:
@@ -652,9 +958,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     validate_config(config)
     workdir = os.path.abspath(workdir)
+    check_workdir_path(workdir)
     classes = normal_classes(config)
-    if str(config.normal_class) != "all":
-        return train_one_class(config, workdir, classes[0])
+    os.makedirs(workdir, exist_ok=True)
+    lock = _lock_workdir(workdir)
+    try:
+        if str(config.normal_class) != "all":
+            return train_one_class(config, workdir, classes[0])
+        return _train_all_classes(config, workdir, classes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_workdir(workdir: str) -> WorkdirLock | None:
+    """Takes the workdir lock on process 0 (others learn whether it succeeded)."""
+    lock, error = None, None
+    if distributed.is_main_process():
+        lock = WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except WorkdirBusyError as err:
+            error = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        taken = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not int(taken) and error is None:
+            error = WorkdirBusyError(
+                f"Process 0 could not take the lock of {workdir}: another run is using it."
+            )
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train_all_classes(
+    config: ml_collections.ConfigDict, workdir: str, classes: list[int]
+) -> dict[str, Any]:
     names = class_names(config)
     reports = []
     for index in classes:
@@ -687,6 +1028,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             config.dataset, results, os.path.join(workdir, "report"), backbone=config.backbone
         )
         summary.update(report_markdown=md_path.name, report_csv=csv_path.name)
-        with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
+        _write_atomically(
+            os.path.join(workdir, "report.json"),
+            lambda handle: json.dump(summary, handle, indent=2),
+        )
     return summary

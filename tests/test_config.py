@@ -66,6 +66,8 @@ def test_unknown_keys_list_the_valid_ones():
         ("batch_size", 0, "must be > 0"),
         ("epochs", -1, "must be >= 0"),
         ("threshold_quantile", 1.0, "must lie in"),
+        ("threshold_fpr", 0.0, "must lie in"),
+        ("calibration_holdout", 1.0, "must lie in"),
         ("crop", -2, "crop"),
     ],
 )
@@ -75,6 +77,16 @@ def test_bad_values_name_the_key(key, value, fragment):
     with pytest.raises(ConfigError, match=fragment) as info:
         validate_config(config)
     assert f"config.{key}" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_threshold_quantile_of_earlier_versions_sets_the_target_fpr():
+    config = default_config()
+    config.threshold_quantile = 0.9  # an earlier config file
+    assert validate_config(config).threshold_fpr == pytest.approx(0.1)
+    config.threshold_fpr = 0.2
+    with pytest.raises(ConfigError, match="contradicts config.threshold_fpr=0.2") as info:
+        validate_config(config)
     assert "\n" not in str(info.value)
 
 

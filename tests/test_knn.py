@@ -79,8 +79,9 @@ def test_tiled_gallery_path_under_a_tiny_budget(k):
     gallery, queries = _unit_rows(rng, 300, 16), _unit_rows(rng, 29, 16)
     mask = rng.random(300) < 0.8
     # A budget that fits a chunk of 8 queries against 70 gallery rows (no groups): 300 % 70 != 0.
-    # Per query, in float32 units: 2 * dim for the query chunk + 70 for the block.
-    budget = 8 * 4 * (2 * 16 + 70)
+    # Per query, in float32 units: 2 * dim for the query chunk, k * dim for the k selected rows
+    # (gathered to refine their distances), and 70 for the block.
+    budget = 8 * 4 * (2 * 16 + k * 16 + 70)
     plan = knn.plan_scoring(29, 300, 16, k, memory_budget_bytes=budget)
     assert plan.query_chunk == 8 and 1 < plan.gallery_tile < 300 and plan.work_bytes <= budget
     got = np.asarray(
@@ -94,9 +95,9 @@ def test_tiled_and_grouped_path():
     gallery, queries = _unit_rows(rng, 2000, 8), _unit_rows(rng, 20, 8)
     mask = rng.random(2000) < 0.9
     gallery[np.flatnonzero(~mask)[:10]] = queries[:10]  # nearest if ever selected
-    # Per query, in float32 units: 2 * dim + k * group * (dim + 2) fixed, plus group + 2 per group
-    # of 16 rows (block + minima + copy): 50 groups -> tiles of 800 rows.
-    budget = 8 * 4 * (2 * 8 + 2 * 16 * 10 + 18 * 50)
+    # Per query, in float32 units: 2 * dim + k * dim + k * group * (dim + 2) fixed, plus group + 2
+    # per group of 16 rows (block + minima + copy): 50 groups -> tiles of 800 rows.
+    budget = 8 * 4 * (2 * 8 + 2 * 8 + 2 * 16 * 10 + 18 * 50)
     plan = knn.plan_scoring(20, 2000, 8, 2, memory_budget_bytes=budget)
     assert plan.query_chunk == 8 and plan.gallery_tile == 800 and plan.group > 1
     assert plan.work_bytes <= budget
@@ -261,3 +262,39 @@ def test_sharded_over_8_devices_equals_unsharded():
     for vs_single, vs_brute in result.values():
         assert vs_single <= 1e-6
         assert vs_brute <= 1e-5
+
+
+@pytest.mark.parametrize(("n_gallery", "budget"), [(60, None), (2000, None), (2000, 40000)])
+def test_small_distances_are_accurate_to_float32_rounding(n_gallery, budget):
+    # Near neighbours of unit vectors: ||q||^2 + ||g||^2 - 2 q.g loses ~1e-7 absolute to
+    # cancellation, 1e-3 relative at these distances (~1e-4); the selected rows' distances are
+    # recomputed directly, so they keep float32 relative accuracy (plain, grouped, tiled paths).
+    rng = np.random.default_rng(12)
+    gallery = _unit_rows(rng, n_gallery, 64)
+    queries = gallery[:25] + 0.005 * _unit_rows(rng, 25, 64)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    kwargs = {} if budget is None else {"memory_budget_bytes": budget}
+    if budget is not None:
+        assert (
+            knn.plan_scoring(25, n_gallery, 64, 2, memory_budget_bytes=budget).gallery_tile < 2000
+        )
+    got = np.asarray(knn.knn_distances(gallery, queries, 2, **kwargs))
+    want = _brute_force(gallery, queries, 2)
+    assert want[:, 0].max() < 1e-3
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+def test_traceable_scores_match_and_export_with_symbolic_queries():
+    from jax import export
+
+    rng = np.random.default_rng(13)
+    gallery, queries = _unit_rows(rng, 300, 16), _unit_rows(rng, 11, 16)
+    want = np.asarray(knn.knn_scores(gallery, queries, 3))
+    np.testing.assert_allclose(want, _brute_force(gallery, queries, 3).sum(1), rtol=2e-6)
+    traced = jax.jit(lambda q: knn.knn_scores_traceable(gallery, q, 3))
+    np.testing.assert_allclose(np.asarray(traced(queries)), want, rtol=1e-6)
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("q, 16"), np.float32)
+    exported = export.deserialize(export.export(traced)(spec).serialize())
+    for rows in (1, 11):
+        got = np.asarray(exported.call(queries[:rows]))
+        np.testing.assert_allclose(got, want[:rows], rtol=1e-6)

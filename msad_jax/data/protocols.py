@@ -27,6 +27,7 @@ import numpy as np
 
 from msad_jax.data import digits, folders, tfds_sources
 from msad_jax.data.images import DEFAULT_IMAGE_SIZE, stack_images
+from msad_jax.errors import InputError
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "cats_vs_dogs", "digits", "folder", "arrays")
 
@@ -58,22 +59,22 @@ class OneClassData:
         for field in ("train_images", "test_images"):
             array = getattr(self, field)
             if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-                raise ValueError(
+                raise InputError(
                     f"OneClassData.{field} must be uint8 [N, H, W, 3], "
                     f"got {array.dtype} {array.shape}."
                 )
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise ValueError(
+            raise InputError(
                 f"Train and test images differ in size: {self.train_images.shape[1:]} vs "
                 f"{self.test_images.shape[1:]}."
             )
         m = len(self.test_images)
         if self.test_labels.shape != (m,) or self.test_classes.shape != (m,):
-            raise ValueError(f"test_labels and test_classes must have shape ({m},).")
+            raise InputError(f"test_labels and test_classes must have shape ({m},).")
         if not np.isin(self.test_labels, (0, 1)).all():
-            raise ValueError("test_labels must be 0 (normal) or 1 (anomaly).")
+            raise InputError("test_labels must be 0 (normal) or 1 (anomaly).")
         if len(self.train_images) == 0:
-            raise ValueError(f"No training images for normal class {self.normal_class}.")
+            raise InputError(f"No training images for normal class {self.normal_class}.")
 
     @property
     def normal_class_name(self) -> str:
@@ -129,8 +130,8 @@ class LabelledArrays:
         return [str(i) for i in range(top + 1)]
 
 
-def _unknown(dataset: str) -> ValueError:
-    return ValueError(f"Unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}.")
+def _unknown(dataset: str) -> InputError:
+    return InputError(f"Unknown dataset {dataset!r}; valid names: {', '.join(DATASETS)}.")
 
 
 def class_names(
@@ -147,12 +148,12 @@ def class_names(
         return list(digits.CLASS_NAMES)
     if dataset == "folder":
         if path is None:
-            raise ValueError("dataset='folder' needs path=<directory or .zip>.")
+            raise InputError("dataset='folder' needs path=<directory or .zip>.")
         with folders.open_tree(path) as tree:
             return folders.folder_class_names(tree)
     if dataset == "arrays":
         if arrays is None:
-            raise ValueError("dataset='arrays' needs arrays=LabelledArrays(...).")
+            raise InputError("dataset='arrays' needs arrays=LabelledArrays(...).")
         return arrays.names()
     raise _unknown(dataset)
 
@@ -166,28 +167,28 @@ def num_classes(
 
 def _class_index(normal_class: int | str, names: list[str]) -> int:
     if normal_class == "all" and "all" not in names:
-        raise ValueError(
+        raise InputError(
             "normal_class='all' means one run per class: call load_one_class for each index in "
             "range(num_classes(dataset))."
         )
     if isinstance(normal_class, str):
         if normal_class not in names:
-            raise ValueError(f"normal_class {normal_class!r} is not one of {names}.")
+            raise InputError(f"normal_class {normal_class!r} is not one of {names}.")
         return names.index(normal_class)
     index = int(normal_class)
     if not 0 <= index < len(names):
-        raise ValueError(f"normal_class={normal_class} out of range: classes 0..{len(names) - 1}.")
+        raise InputError(f"normal_class={normal_class} out of range: classes 0..{len(names) - 1}.")
     return index
 
 
 def _rgb(images: np.ndarray, what: str) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        raise ValueError(f"{what} must be uint8 (0..255), got {images.dtype}.")
+        raise InputError(f"{what} must be uint8 (0..255), got {images.dtype}.")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{what} must be [N, H, W] or [N, H, W, 1|3|4], got {images.shape}.")
+        raise InputError(f"{what} must be [N, H, W] or [N, H, W, 1|3|4], got {images.shape}.")
     if images.shape[-1] == 1:
         return np.repeat(images, 3, axis=-1)
     return images[..., :3]
@@ -223,7 +224,7 @@ def one_class_from_labelled(
     train_labels = np.asarray(train_labels).reshape(-1)
     test_labels = np.asarray(test_labels).reshape(-1)
     if len(train_labels) != len(train_images) or len(test_labels) != len(test_images):
-        raise ValueError("Each image needs exactly one label (lengths differ).")
+        raise InputError("Each image needs exactly one label (lengths differ).")
     train = _rgb(train_images, "train_images")[train_labels == index]
     test = _rgb(test_images, "test_images")
     if image_size is not None or train.shape[1:] != test.shape[1:]:
@@ -309,7 +310,9 @@ def load_one_class(
       normal_class: index (or name) of the normal class; see :func:`class_names`.
       data_dir: TFDS data directory (TFDS datasets).
       image_size: resize images to this square side (shorter side + center crop, Pillow
-        bilinear). None keeps native sizes when they agree, else 256.
+        bilinear). None: arrays and TFDS images keep their native size when all sizes agree
+        (else 256); folders follow the rule of ``msad_jax.data.images`` (images larger than 256,
+        or of mixed sizes, become 256x256 as they are decoded; a common size up to 256 is kept).
       path: directory or .zip file ('folder').
       arrays: labelled arrays ('arrays').
       download: let TFDS prepare a missing dataset (needs TensorFlow and network, or the
@@ -342,7 +345,7 @@ def load_one_class(
         )
     if dataset == "folder":
         if path is None:
-            raise ValueError("dataset='folder' needs path=<directory or .zip>.")
+            raise InputError("dataset='folder' needs path=<directory or .zip>.")
         train, test, split = folders.load_folder(
             path, normal_class, image_size=image_size, num_workers=num_workers
         )
@@ -357,7 +360,7 @@ def load_one_class(
         )
     if dataset == "arrays":
         if arrays is None:
-            raise ValueError("dataset='arrays' needs arrays=LabelledArrays(...).")
+            raise InputError("dataset='arrays' needs arrays=LabelledArrays(...).")
         return one_class_from_labelled(
             arrays.train_images,
             arrays.train_labels,

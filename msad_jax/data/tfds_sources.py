@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from msad_jax.data.images import default_workers, fit_square
+from msad_jax.errors import InputError, MissingDependencyError, MissingInputError
 
 TFDS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "cats_vs_dogs")
 
@@ -107,6 +108,13 @@ def _offline_message(builder: Any, manual_dir: str) -> str:
     )
 
 
+def _is_prepared(builder: Any) -> bool:
+    """``builder.is_prepared()``, without TFDS's warning about a missing variant folder."""
+    if not (builder.data_path / "dataset_info.json").exists():
+        return False
+    return builder.is_prepared()
+
+
 def open_tfds(
     name: str,
     split: str,
@@ -129,19 +137,19 @@ def open_tfds(
       A sequence of example dicts (numpy values).
 
     Raises:
-      FileNotFoundError: not prepared and ``download`` is False, or the download failed.
-      ImportError: preparation is needed and TensorFlow is missing.
-      ValueError: the dataset was prepared in a format without random access (TFRecord).
+      MissingInputError: not prepared and ``download`` is False, or the download failed.
+      MissingDependencyError: preparation is needed and TensorFlow is missing.
+      InputError: the dataset was prepared in a format without random access (TFRecord).
     """
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
     manual = manual_dir or str(builder.data_dir_root) + "/downloads/manual"
-    if builder.is_prepared():
+    if _is_prepared(builder):
         try:
             return builder.as_data_source(split=split)
         except NotImplementedError:
-            raise ValueError(
+            raise InputError(
                 f"TFDS dataset {name!r} in {builder.data_dir} was prepared as TFRecord, which has "
                 "no random access: delete that folder (or use another data_dir) and prepare it "
                 "again with file_format='array_record' (msad_jax does this by default)."
@@ -151,11 +159,14 @@ def open_tfds(
     except (NotImplementedError, ValueError, FileNotFoundError, KeyError):
         pass
     if not download:
-        raise FileNotFoundError(_offline_message(builder, manual))
+        raise MissingInputError(_offline_message(builder, manual))
     if not tensorflow_available():
-        raise ImportError(
-            f"Preparing TFDS dataset {name!r} the first time needs TensorFlow, which is not "
-            "installed: pip install 'msad_jax[tf]' (reading a prepared dataset does not need it)."
+        raise MissingDependencyError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root}, and preparing it "
+            "needs TensorFlow, which is not installed: pip install 'msad_jax[tf]' (then it is "
+            f"downloaded, or read from {manual}), or copy a prepared '{name}/{builder.version}' "
+            f"folder (array_record format) into {builder.data_dir_root}; reading a prepared "
+            "dataset does not need TensorFlow."
         )
     try:
         builder.download_and_prepare(
@@ -163,7 +174,7 @@ def open_tfds(
             download_config=tfds.download.DownloadConfig(manual_dir=manual),
         )
     except OSError as err:  # requests' ConnectionError is an OSError too.
-        raise FileNotFoundError(f"{_offline_message(builder, manual)} ({err})") from None
+        raise MissingInputError(f"{_offline_message(builder, manual)} ({err})") from err
     return builder.as_data_source(split=split)
 
 
@@ -224,7 +235,7 @@ def read_examples(
         side = image_size or 32
         return np.zeros((0, side, side, 3), np.uint8), labels, names
     if len({im.shape for im in images}) > 1:
-        raise ValueError(
+        raise InputError(
             "TFDS images have different sizes: pass image_size=... to resize them to one size."
         )
     return np.stack(images), labels, names

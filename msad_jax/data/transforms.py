@@ -15,6 +15,12 @@ order of its two passes itself, this code always resamples the width first; the 
 which overshoots are clipped in between, so when one axis shrinks and the other grows (e.g.
 300x211 -> 224x224) a few pixels at strong edges can differ by up to ~4 grey levels. Upscaling
 both axes (CIFAR to 224, the ResNet-18 recipe) matches within ~1.1.
+
+Images of any size (:func:`any_size_transform`, what a trained detector scores): first fitted to
+the side of the stored training images as :func:`msad_jax.data.images.fit_square` does it
+(shorter side to the side, bilinear, center crop), but in float32 and not rounded to uint8, then
+the evaluation transform. Its weights are computed from the input's shape inside the traced
+function, so it also runs with symbolic height, width and channel count (``jax.export``).
 """
 
 from __future__ import annotations
@@ -183,6 +189,84 @@ def eval_transform(images: jax.Array | np.ndarray, prep: Preprocessing) -> jax.A
     wx = resize_crop_weights(width, new_w, left, prep.size, prep.method)
     x = separable_resample(images.astype(jnp.float32), jnp.asarray(wy), jnp.asarray(wx))
     return normalize(x / 255.0, prep)
+
+
+def to_rgb(images: jax.Array) -> jax.Array:
+    """``[..., C]`` with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) as ``[..., 3]``.
+
+    Like Pillow's ``convert('RGB')``: a grey channel is repeated, an alpha channel dropped (not
+    composited). Works for a symbolic channel count.
+    """
+    channels = images.shape[-1]
+    if isinstance(channels, int):
+        return images[..., (0, 0, 0)] if channels < 3 else images[..., :3]
+    index = jnp.where(jnp.asarray(channels) < 3, 0, jnp.arange(3))
+    return jnp.take(images, index, axis=-1)
+
+
+def _round_half_even_half(value: jax.Array) -> jax.Array:
+    """``round(value / 2)`` of a non-negative int array, ties to even (Python's ``round``)."""
+    half = value // 2
+    return half + (value % 2) * (half % 2)
+
+
+def fit_weights(size, other, side: int) -> jax.Array:
+    """float32 ``[side, size]``: one axis of :func:`msad_jax.data.images.fit_square`, bilinear.
+
+    The shorter of the two sides (``size``, ``other``) is resized to ``side`` and the longer to
+    ``int(side * long / short)``, then ``side`` pixels are kept from the center (offset
+    ``round((resized - side) / 2)``). Weights are Pillow's antialiased triangle filter over the
+    whole source axis. ``size`` and ``other`` may be Python ints or symbolic dimensions: the
+    geometry is computed on traced integers, the weight matrix has ``size`` columns.
+    """
+    size_v = jnp.asarray(size, jnp.int32)
+    other_v = jnp.asarray(other, jnp.int32)
+    resized = jnp.where(size_v <= other_v, side, (side * size_v) // other_v)
+    start = _round_half_even_half(resized - side)
+    scale = size_v.astype(jnp.float32) / resized.astype(jnp.float32)
+    support = jnp.maximum(scale, 1.0)  # the bilinear support (1) stretched when shrinking
+    center = (start.astype(jnp.float32) + jnp.arange(side, dtype=jnp.float32) + 0.5) * scale
+    center = center[:, None]  # [side, 1]
+    k = jnp.arange(size, dtype=jnp.float32)[None, :]  # [1, size]
+    lo = jnp.maximum(jnp.trunc(center - support + 0.5), 0.0)
+    hi = jnp.minimum(jnp.trunc(center + support + 0.5), size_v.astype(jnp.float32))
+    inside = (k >= lo) & (k < hi)
+    w = jnp.where(inside, _filter((k + 0.5 - center) / support, "bilinear", jnp), 0.0)
+    return w / jnp.sum(w, axis=1, keepdims=True)
+
+
+def fit_square_float(images: jax.Array, side: int) -> jax.Array:
+    """float32 ``[..., side, side, C]``: :func:`fit_weights` on both axes of ``[..., H, W, C]``.
+
+    Not rounded: the bilinear weights are non-negative and sum to one, so values stay in range.
+    An image already ``side x side`` is returned unchanged (its weights are the identity).
+    """
+    height, width = images.shape[-3], images.shape[-2]
+    x = images.astype(jnp.float32)
+    if isinstance(height, int) and isinstance(width, int) and height == width == side:
+        return x
+    wy = fit_weights(height, width, side)
+    wx = fit_weights(width, height, side)
+    x = jnp.einsum("qw,...hwc->...hqc", wx, x, precision=_PRECISION)
+    return jnp.einsum("ph,...hqc->...pqc", wy, x, precision=_PRECISION)
+
+
+def any_size_transform(images: jax.Array, side: int, prep: Preprocessing) -> jax.Array:
+    """uint8 ``[b, H, W, C]`` of any size and channel count -> float32 ``[b, S, S, 3]``.
+
+    :func:`to_rgb`, :func:`fit_square_float` to ``side`` (the stored training images' side),
+    then :func:`eval_transform`. Shapes may be symbolic (``jax.export``); jittable.
+    """
+    return eval_transform(fit_square_float(to_rgb(images), side), prep)
+
+
+def make_any_size_preprocess_fn(side: int, prep: Preprocessing) -> Callable[[jax.Array], jax.Array]:
+    """Returns :func:`any_size_transform` for ``side`` and ``prep`` (jit/pmap the caller)."""
+
+    def preprocess(images: jax.Array) -> jax.Array:
+        return any_size_transform(images, side, prep)
+
+    return preprocess
 
 
 def make_preprocess_fn(prep: Preprocessing) -> Callable[[jax.Array], jax.Array]:

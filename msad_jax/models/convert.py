@@ -32,6 +32,8 @@ from typing import Any
 import flax
 import numpy as np
 
+from msad_jax.errors import UserError
+
 _LEAF_TO_TORCH = {
     ("params", "kernel"): "weight",
     ("params", "scale"): "weight",
@@ -42,7 +44,7 @@ _LEAF_TO_TORCH = {
 _COUNTER = "num_batches_tracked"
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(UserError, ValueError):
     """A state dict does not fit a model; the message lists missing/unexpected/mis-shaped keys."""
 
 

@@ -7,6 +7,18 @@ the parameters frozen during fine-tuning (SPEC §2) and the pretrained weights f
 Defaults not fixed by the paper are chosen by family and documented here: ResNet-34 follows
 ResNet-18 (bicubic resize to 224, nothing frozen) and ResNet-50/101 follow ResNet-152 (resize 256,
 center crop 224, ``conv1``/``bn1``/``layer1``/``layer2`` frozen).
+
+Vision Transformers (:mod:`msad_jax.models.vit`): ``vit_small_patch16_224`` and
+``vit_base_patch16_224`` (timm's ImageNet-21k -> 1k weights), ``dinov2_vits14`` / ``vitb14`` /
+``vitl14`` and their ``_reg`` (4 register tokens) versions (Meta's DINOv2 weights in Hugging Face's
+layout), and ``vit_tiny`` for smoke runs. Their defaults, by analogy with ResNet-152 (which
+freezes its stem and first two of four stages): the patch embedding, CLS/register tokens,
+position embeddings and the first half of the blocks are frozen. Preprocessing is each weights'
+own evaluation transform: timm's ViTs resize to 248 (224 / crop fraction 0.9) and center-crop 224,
+bicubic, mean = std = 0.5; DINOv2 resizes to 256 and center-crops 224 (a multiple of the patch
+size 14: a 16 x 16 grid), bicubic, ImageNet mean/std, as Hugging Face's DINOv2 image processor.
+The suggested MSC learning rate of the ViTs (``BackboneSpec.learning_rate``) is a starting point,
+not a measured optimum.
 """
 
 from __future__ import annotations
@@ -25,7 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from msad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from msad_jax.models import convert, efficientnet_lite, pretrained, resnet, weight_files
+from msad_jax.models import (
+    convert,
+    efficientnet_lite,
+    pretrained,
+    resnet,
+    vit,
+    vit_weights,
+    weight_files,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +60,11 @@ class BackboneSpec:
       frozen: regex patterns of parameter paths (``'/'``-joined) not trained during fine-tuning.
       weights: pretrained weights file, or None.
       classifier_prefix: torch key prefix of the classifier layer (dropped for feature extraction).
-      num_classes: classifier size of the pretrained weights.
+      num_classes: classifier size of the pretrained weights (None: the weights have none).
+      layout: key layout of the weights file: ``'torchvision'`` (also EfficientNet-Lite's package)
+        or one of :data:`msad_jax.models.vit_weights.LAYOUTS`.
+      learning_rate: suggested MSC learning rate when it differs from the published 1e-5 (a
+        starting point, not a measured result), or None.
     """
 
     name: str
@@ -49,7 +73,9 @@ class BackboneSpec:
     frozen: tuple[str, ...] = ()
     weights: pretrained.WeightsFile | None = None
     classifier_prefix: str = "fc."
-    num_classes: int = 1000
+    num_classes: int | None = 1000
+    layout: str = "torchvision"
+    learning_rate: float | None = None
 
 
 _RESNET_152_STYLE = Preprocessing(
@@ -110,6 +136,54 @@ BACKBONES["resnet_tiny"] = BackboneSpec(
 )
 
 
+_TIMM_VIT_STYLE = Preprocessing(
+    resize=248, crop=224, method="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+)
+_DINOV2_STYLE = Preprocessing(
+    resize=256, crop=224, method="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD
+)
+VIT_LEARNING_RATE = 1e-4
+
+
+def _vit_frozen(variant: vit.ViTVariant) -> tuple[str, ...]:
+    """Patch embedding, tokens, position embeddings and the first half of the blocks."""
+    half = variant.kwargs["depth"] // 2
+    blocks = "|".join(str(i) for i in range(half))
+    tokens = ("^cls_token$", "^pos_embed$")
+    if variant.kwargs.get("num_registers"):
+        tokens += ("^reg_token$",)
+    return ("^patch_embed/", *tokens, f"^blocks/({blocks})/")
+
+
+def _vit_spec(variant: vit.ViTVariant) -> BackboneSpec:
+    timm_layout = variant.layout == "timm"
+    return BackboneSpec(
+        name=variant.name,
+        make=lambda **kw: vit.make_vit(variant.name, **kw),
+        preprocessing=_TIMM_VIT_STYLE if timm_layout else _DINOV2_STYLE,
+        frozen=_vit_frozen(variant),
+        weights=pretrained.HUB_WEIGHTS[variant.name],
+        classifier_prefix="head.",
+        num_classes=1000 if timm_layout else None,
+        layout=variant.layout,
+        learning_rate=VIT_LEARNING_RATE,
+    )
+
+
+BACKBONES.update({n: _vit_spec(v) for n, v in vit.VIT_VARIANTS.items() if n != "vit_tiny"})
+BACKBONES["vit_tiny"] = BackboneSpec(
+    name="vit_tiny",
+    make=lambda **kw: vit.make_vit("vit_tiny", **kw),
+    preprocessing=Preprocessing(
+        resize=32, crop=None, method="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD
+    ),
+    frozen=_vit_frozen(vit.VIT_VARIANTS["vit_tiny"]),
+    classifier_prefix="head.",
+    num_classes=10,
+    layout="timm",
+)
+
+
 def list_backbones() -> list[str]:
     """Names accepted by :func:`build_backbone`."""
     return sorted(BACKBONES)
@@ -162,7 +236,9 @@ def _init_leaf(
         return rng.uniform(-bound, bound, shape)
     if leaf == "bias" and len(path) >= 2 and path[-2] in ("fc", "_fc"):
         return rng.uniform(-1.0, 1.0, shape) / np.sqrt(max(shape[0], 1))
-    if leaf in ("scale", "var"):
+    if leaf in ("pos_embed", "cls_token", "reg_token"):  # timm: trunc_normal_(std=0.02) or so
+        return rng.normal(0.0, 0.02, shape)
+    if leaf in ("scale", "var", "gamma"):  # gamma: Hugging Face DINOv2's layer scale init 1.0
         return np.ones(shape)
     return np.zeros(shape)  # BatchNorm bias and running mean
 
@@ -170,9 +246,10 @@ def _init_leaf(
 def init_variables(model: nn.Module, image_size: int, seed: int = 0) -> dict[str, Any]:
     """Randomly initialised ``{'params', 'batch_stats'}`` (float32 NumPy arrays).
 
-    Draws torchvision's initialisation with NumPy instead of calling ``model.init``: the result is
-    the same kind of network, and it avoids compiling the random-number kernels of every parameter
-    (tens of seconds on a CPU, even for a tiny model).
+    Draws torchvision's initialisation with NumPy instead of calling ``model.init`` (ViTs:
+    torch's ``nn.Linear`` default, position/CLS/register embeddings N(0, 0.02), layer scale 1):
+    the result is the same kind of network, and it avoids compiling the random-number kernels of
+    every parameter (tens of seconds on a CPU, even for a tiny model).
 
     Args:
       model: a backbone from :func:`build_backbone` (with its classifier if it has ``num_classes``).
@@ -218,6 +295,57 @@ def from_torchvision(
     return convert.variables_from_torch(state_dict, template, model_name=name)
 
 
+def convert_weights(
+    state_dict: Mapping[str, np.ndarray], name: str, *, with_classifier: bool | None = None
+) -> dict[str, Any]:
+    """Converts a state dict in backbone ``name``'s weights layout (``BackboneSpec.layout``).
+
+    Like :func:`from_torchvision` (which it calls for torchvision-layout backbones); for ViTs the
+    timm, original DINOv2 and Hugging Face layouts of :mod:`msad_jax.models.vit_weights`.
+
+    Raises:
+      StateDictMismatchError: listing every missing, unexpected or mis-shaped key.
+      ValueError: a classifier was asked of weights that have none.
+    """
+    spec = backbone_spec(name)
+    if spec.layout == "torchvision":
+        return from_torchvision(state_dict, name, with_classifier=with_classifier)
+    return convert_vit_weights(state_dict, name, spec.layout, with_classifier=with_classifier)
+
+
+def convert_vit_weights(
+    state_dict: Mapping[str, np.ndarray],
+    name: str,
+    layout: str,
+    *,
+    with_classifier: bool | None = None,
+) -> dict[str, Any]:
+    """Converts ViT backbone ``name``'s weights from any layout of ``vit_weights.LAYOUTS``.
+
+    Args:
+      state_dict: key -> array, e.g. from :func:`msad_jax.models.vit_weights.read_state_dict`.
+      name: a ViT backbone name.
+      layout: ``'timm'``, ``'dinov2'``, ``'hf_vit'`` or ``'hf_dinov2'``.
+      with_classifier: keep timm's ``head``; default: when the state dict has one.
+
+    Raises:
+      StateDictMismatchError: listing every missing, unexpected or mis-shaped key.
+      ValueError: a classifier was asked of weights that have none.
+    """
+    spec = backbone_spec(name)
+    has_head = _has_classifier(state_dict, spec.classifier_prefix) and layout == "timm"
+    with_classifier = has_head if with_classifier is None else with_classifier
+    if with_classifier and (spec.num_classes is None or layout != "timm"):
+        raise ValueError(f"{name} weights in the {layout} layout have no classifier to load.")
+    if not with_classifier and layout == "timm":
+        state_dict = {
+            k: v for k, v in state_dict.items() if not k.startswith(spec.classifier_prefix)
+        }
+    model = spec.make(num_classes=spec.num_classes if with_classifier else None)
+    template = variable_shapes(model, spec.preprocessing.size)
+    return vit_weights.convert_state_dict(state_dict, template, layout, model_name=name)
+
+
 def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Converts ``{'params', 'batch_stats'}`` back to a torch-layout state dict of NumPy arrays."""
     return convert.variables_to_torch(variables)
@@ -257,7 +385,8 @@ def load_pretrained(
     weights = (registry or {}).get(name, spec.weights)
     if weights is None:
         raise pretrained.PretrainedWeightsError(
-            f"Backbone {name!r} has no pretrained weights; use a ResNet or EfficientNet-Lite."
+            f"Backbone {name!r} has no pretrained weights; use a ResNet, EfficientNet-Lite, ViT "
+            "or DINOv2."
         )
     path = pretrained.fetch_weights(name, weights, cache_dir, offline=offline)
     kind = "classifier" if with_classifier else "features"
@@ -271,8 +400,11 @@ def load_pretrained(
                 return variables
         except (ValueError, OSError):
             pass  # A damaged conversion cache is rebuilt from the verified weights file below.
-    state_dict = weight_files.load_torch_checkpoint(path)
-    variables = from_torchvision(state_dict, name, with_classifier=with_classifier)
+    if spec.layout == "torchvision":
+        state_dict = weight_files.load_torch_checkpoint(path)
+    else:
+        state_dict = vit_weights.read_state_dict(path)
+    variables = convert_weights(state_dict, name, with_classifier=with_classifier)
     with contextlib.suppress(OSError):  # A read-only cache only costs a re-conversion next time.
         pretrained.save_variables(variables, converted)
     return variables

@@ -42,6 +42,8 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from msad_jax.errors import UserError
+
 __all__ = [
     "LegacyCheckpointFormatError",
     "UnknownWeightFormatError",
@@ -59,7 +61,7 @@ __all__ = [
 PathLike = str | os.PathLike
 
 
-class WeightFileError(ValueError):
+class WeightFileError(UserError, ValueError):
     """A weight file is unreadable: corrupt, truncated, malformed or unsupported."""
 
 

@@ -150,11 +150,17 @@ def test_offline_without_data_names_what_to_download_and_where(tmp_path):
         )
 
 
-def test_missing_tensorflow_is_one_sentence(tmp_path, monkeypatch):
+def test_missing_tensorflow_is_one_sentence(tmp_path, monkeypatch, caplog):
+    from msad_jax.errors import MissingDependencyError
+
     monkeypatch.setattr(tfds_sources, "tensorflow_available", lambda: False)
-    with pytest.raises(ImportError, match=r"pip install 'msad_jax\[tf\]'") as err:
+    with pytest.raises(MissingDependencyError, match=r"pip install 'msad_jax\[tf\]'") as err:
         load_one_class("cifar10", 0, data_dir=str(tmp_path))
-    assert "\n" not in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message
+    # Where to put the data instead: the manual folder, or a prepared copy.
+    assert str(tmp_path / "downloads" / "manual") in message and "'cifar10/" in message
+    assert not [r for r in caplog.records if "Variant folder" in r.getMessage()]
 
 
 def test_failed_download_gives_the_offline_instructions(tmp_path, monkeypatch):
