@@ -33,13 +33,18 @@ check values and gradients for every convolution shape of the backbones.
 The switch: the environment variable ``MSAD_JAX_CPU_LOWERING`` (:mod:`msad_jax.cpu_flags`;
 ``0``/``false``/``no``/``off`` turns it off, ``python -m msad_jax.main --nocpu_lowering`` sets it).
 It is read when a function is *traced*: a function already compiled keeps the lowering it was
-traced with. Accelerator backends always get XLA's own lowering.
+traced with. Accelerator backends always get XLA's own lowering, and so do functions traced
+inside :func:`xla_lowering` (``msad_jax.export`` traces there: an exported scorer holds XLA's
+own convolutions, whatever machine exported it and for whichever platforms) and functions of
+symbolic shapes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -52,9 +57,37 @@ Padding = tuple[tuple[int, int], ...]
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 
+_XLA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("xla_lowering", default=False)
+
+
+@contextlib.contextmanager
+def xla_lowering() -> Iterator[None]:
+    """Functions traced inside get XLA's own lowering, whatever the backend and the switch.
+
+    For code lowered for other platforms than the one tracing it (``jax.export``): the CPU
+    lowering is chosen at trace time, from the default backend, and must not end up in a
+    program meant for a GPU or TPU. A function JAX has already traced (and cached) for the same
+    argument shapes keeps the lowering it was traced with.
+    """
+    token = _XLA_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _XLA_ONLY.reset(token)
+
+
 def active() -> bool:
-    """Whether functions traced now get the CPU lowering: switched on and the backend is CPU."""
-    return cpu_flags.switched_on() and jax.default_backend() == "cpu"
+    """Whether functions traced now get the CPU lowering.
+
+    Yes when the switch is on (:func:`msad_jax.cpu_flags.switched_on`), the default backend is
+    the CPU and no :func:`xla_lowering` context is open.
+    """
+    return not _XLA_ONLY.get() and cpu_flags.switched_on() and jax.default_backend() == "cpu"
+
+
+def _static(*arrays: jax.Array) -> bool:
+    """Whether every dimension is a known integer (not a ``jax.export`` symbolic dimension)."""
+    return all(isinstance(d, int) for a in arrays for d in a.shape)
 
 
 def _accumulation_dtype(dtype: Any) -> Any:
@@ -309,7 +342,7 @@ def max_pool(
     window = (int(window[0]), int(window[1]))
     strides = (int(strides[0]), int(strides[1]))
     padding = tuple((int(a), int(b)) for a, b in padding)
-    if active():
+    if _static(x) and active():
         return _max_pool(x, window, strides, padding)
     return _reduce_window_max(x, window, strides, padding)
 
@@ -345,7 +378,8 @@ def conv_general_dilated(
 
     Same signature and results (up to rounding). Takes the CPU lowering when :func:`active`, the
     layout is NHWC/HWIO, the padding explicit, nothing dilated and no ``preferred_element_type``
-    is asked for; everything else goes to ``lax.conv_general_dilated``. Pass it to
+    is asked for and every dimension is static; everything else goes to
+    ``lax.conv_general_dilated``. Pass it to
     ``flax.linen.Conv(conv_general_dilated=...)``.
     """
     pads = _explicit_padding(padding)
@@ -356,6 +390,7 @@ def conv_general_dilated(
         and tuple(rhs_dilation or (1, 1)) == (1, 1)
         and batch_group_count == 1
         and preferred_element_type is None
+        and _static(lhs, rhs)
         and _is_nhwc_hwio(lhs, rhs, dimension_numbers)
     )
     if plain and active():

@@ -144,6 +144,35 @@ def test_depthwise_and_pointwise_convolutions_take_the_cpu_lowering(monkeypatch)
     assert "conv_general_dilated" in {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
 
 
+def test_exports_and_symbolic_shapes_keep_xla_own_convolutions():
+    """Inside ``xla_lowering`` (what ``msad_jax.export`` uses) and for symbolic shapes the
+    convolution stays XLA's own, so an exported program runs the same ops on every platform."""
+    from jax import export
+
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 9, 4)), jnp.float32)
+    depthwise = jnp.asarray(np.random.default_rng(5).standard_normal((3, 3, 1, 4)), jnp.float32)
+
+    def conv(x):
+        return _ours(x, depthwise, (2, 2), ((0, 1), (0, 1)), 4)
+
+    def primitives(x):  # a new function each time: traces are cached per function
+        return {eqn.primitive.name for eqn in jax.make_jaxpr(lambda x: conv(x))(x).jaxpr.eqns}
+
+    assert cpu_lowering.active() and "conv_general_dilated" not in primitives(x)
+    with cpu_lowering.xla_lowering():
+        assert not cpu_lowering.active()
+        assert "conv_general_dilated" in primitives(x)
+    assert cpu_lowering.active()
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, h, w, 4"), jnp.float32)
+    exported = export.export(jax.jit(conv), platforms=("cpu", "cuda"))(spec)
+    assert "stablehlo.convolution" in exported.mlir_module()
+    np.testing.assert_allclose(
+        exported.call(x), _lax_conv(x, depthwise, (2, 2), ((0, 1), (0, 1)), 4), rtol=1e-6
+    )
+    pooled = export.export(jax.jit(_ours_max_pool), platforms=("cpu", "cuda"))(spec)
+    np.testing.assert_array_equal(pooled.call(x), _flax_max_pool(x))
+
+
 def test_bfloat16_depthwise_and_pointwise_stay_close_to_float32():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 15, 15, 8)), jnp.float32)
