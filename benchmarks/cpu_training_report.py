@@ -273,8 +273,28 @@ def summary_table(records: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def results_markdown(records: dict[str, dict[str, Any]]) -> str:
-    """The whole results file."""
+def earlier_sections(groups: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Sections of the records kept in sub-folders (earlier measurements, e.g. under more load)."""
+    lines: list[str] = []
+    for folder, records in groups.items():
+        lines += [
+            f"## Earlier records: `{folder}/`",
+            "",
+            "Earlier measurements of the same kind on a busier machine (loads below), kept "
+            "for comparison and left out of the summary.",
+            "",
+        ]
+        for record in records.values():
+            if record["kind"] == "train_step":
+                lines += step_section(record)
+    return lines
+
+
+def results_markdown(
+    records: dict[str, dict[str, Any]],
+    earlier: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> str:
+    """The whole results file: the summary and sections of ``records``, then ``earlier``."""
     lines = [
         "# CPU training speed: msad_jax's CPU lowering, XLA's default lowering, PyTorch",
         "",
@@ -299,6 +319,7 @@ def results_markdown(records: dict[str, dict[str, Any]]) -> str:
         for record in records.values():
             if record["kind"] == kind:
                 lines += section(record)
+    lines += earlier_sections(earlier or {})
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -324,8 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     records = load_records(args.records)
     if not records:
         raise SystemExit(f"error: no records in {args.records}; run cpu_training_speed.py first")
+    earlier = {
+        os.path.basename(folder): load_records(folder)
+        for folder in sorted(glob.glob(os.path.join(args.records, "*", "")))
+    }
     with open(args.out, "w", encoding="utf-8") as handle:
-        handle.write(results_markdown(records))
+        handle.write(results_markdown(records, earlier))
     print(f"wrote {args.out}")
     if args.readme and update_readme(args.readme, summary_table(records)):
         print(f"updated the table in {args.readme}")

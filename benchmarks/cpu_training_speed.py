@@ -15,9 +15,9 @@ Measurements (``--only NAME,...`` picks some, ``--list`` lists them):
   ``MSAD_JAX_CPU_LOWERING=0`` (XLA's default lowering, what msad_jax ran before), ``torch`` the
   plain PyTorch step of ``torch_reference.py`` (NCHW) and ``torch[channels_last]``. ResNet-18
   and EfficientNet-Lite0 at batch 32 (64 views per step); Lite0 also with its stem and blocks
-  0-10 frozen (the demo's and the long CIFAR-10 benchmark's setting) and at batch 16 with XLA's
-  lowering too (all-trained Lite0 at batch 32 takes about 6 GB per JAX process, so that run
-  keeps to one JAX and one PyTorch worker).
+  0-10 frozen (the demo's and the long CIFAR-10 benchmark's setting) and at batch 16. The
+  workers stay alive side by side: all-trained Lite0 at batch 32 holds about 6 GB per JAX
+  process, so that run leaves out ``torch[channels_last]``.
 * ``profile_*``: where one step's time goes per kind of operation, both lowerings
   (``profile_train_step.py --mode trace``).
 * ``ops``: each operation the CPU lowering replaces, alone, forward and gradients, with both
@@ -98,7 +98,7 @@ class StepRun:
 
 STEP_RUNS = (
     StepRun("step_resnet18_b32", "resnet18", 32),
-    StepRun("step_lite0_b32", "efficientnet_lite0", 32, xla_lowering=False, channels_last=False),
+    StepRun("step_lite0_b32", "efficientnet_lite0", 32, channels_last=False),
     StepRun("step_lite0_b32_frozen0-10", "efficientnet_lite0", 32, frozen=LITE0_FROZEN),
     StepRun("step_lite0_b16", "efficientnet_lite0", 16, channels_last=False, repetitions=3),
 )
