@@ -238,8 +238,8 @@ def summary_table(records: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         "| training step, float32, 224x224, two views | msad_jax / PyTorch (CPU time) | "
         "XLA's lowering / PyTorch | msad_jax / PyTorch channels_last | msad_jax / XLA's "
-        "lowering |",
-        "|---|---|---|---|---|",
+        "lowering | load |",
+        "|---|---|---|---|---|---|",
     ]
     for record in records.values():
         if record["kind"] != "train_step":
@@ -250,15 +250,16 @@ def summary_table(records: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {label} | **{_fmt(ratio(stats, JAX, TORCH))}** "
             f"({_fmt(ratio(stats, JAX, TORCH, 'cpu'))}) | {_fmt(ratio(stats, OLD, TORCH))} | "
-            f"{_fmt(ratio(stats, JAX, TORCH_CL))} | {_fmt(ratio(stats, JAX, OLD))} |"
+            f"{_fmt(ratio(stats, JAX, TORCH_CL))} | {_fmt(ratio(stats, JAX, OLD))} | "
+            f"{_median(_loads(record)):.1f} |"
         )
     runs = [r for r in records.values() if r["kind"] == "main_run"]
     if runs:
         lines += [
             "",
             "| whole run (`python -m msad_jax.main`) | CPU lowering (default) | XLA's lowering "
-            "| speed-up | final ROC-AUC, default / XLA's |",
-            "|---|---|---|---|---|",
+            "| speed-up | final ROC-AUC, default / XLA's | load |",
+            "|---|---|---|---|---|---|",
         ]
     for record in runs:
         stats = main_stats(record)
@@ -268,7 +269,7 @@ def summary_table(records: dict[str, dict[str, Any]]) -> list[str]:
         )
         lines.append(
             f"| `{record['config']}` | {on['wall']:.0f} s | {off['wall']:.0f} s | "
-            f"{_fmt(off['wall'] / on['wall'])} | {aurocs} |"
+            f"{_fmt(off['wall'] / on['wall'])} | {aurocs} | {_median(_loads(record)):.1f} |"
         )
     return lines
 
@@ -280,8 +281,8 @@ def earlier_sections(groups: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         lines += [
             f"## Earlier records: `{folder}/`",
             "",
-            "Earlier measurements of the same kind on a busier machine (loads below), kept "
-            "for comparison and left out of the summary.",
+            "Earlier measurements of the same kind, superseded by the ones above (loads "
+            "below); kept for comparison and left out of the summary.",
             "",
         ]
         for record in records.values():
