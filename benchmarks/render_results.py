@@ -20,7 +20,9 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import pathlib
 import sys
 from collections.abc import Callable
 
@@ -95,6 +97,20 @@ def _vit_backbones() -> str:
     return vit_backbones.render(found)
 
 
+def _cpu_training() -> str:
+    import cpu_training_report
+
+    folder = records.REPO / "benchmarks" / "records" / "cpu_training"
+    found = cpu_training_report.load_records(str(folder))
+    if not found:
+        raise FileNotFoundError(f"No records in {folder.relative_to(records.REPO)}/.")
+    earlier = {
+        pathlib.Path(sub).name: cpu_training_report.load_records(sub)
+        for sub in sorted(glob.glob(os.path.join(folder, "*", "")))
+    }
+    return cpu_training_report.results_markdown(found, earlier)
+
+
 def pages() -> dict[str, Callable[[], str]]:
     """Every generated page (path relative to ``benchmarks/results/``) and how to render it."""
     return {
@@ -124,6 +140,7 @@ def pages() -> dict[str, Callable[[], str]]:
         "huge_images_memory.md": _huge_images_memory,
         "threshold_calibration.md": _threshold_calibration,
         "vit_backbones.md": _vit_backbones,
+        "cpu_training.md": _cpu_training,
     }
 
 
