@@ -323,7 +323,7 @@ def convert_vit_weights(
     """Converts ViT backbone ``name``'s weights from any layout of ``vit_weights.LAYOUTS``.
 
     Args:
-      state_dict: key -> array, e.g. from :func:`msad_jax.models.vit_weights.read_state_dict`.
+      state_dict: key -> array, e.g. from :func:`msad_jax.models.weight_files.load_state_dict`.
       name: a ViT backbone name.
       layout: ``'timm'``, ``'dinov2'``, ``'hf_vit'`` or ``'hf_dinov2'``.
       with_classifier: keep timm's ``head``; default: when the state dict has one.
@@ -400,10 +400,7 @@ def load_pretrained(
                 return variables
         except (ValueError, OSError):
             pass  # A damaged conversion cache is rebuilt from the verified weights file below.
-    if spec.layout == "torchvision":
-        state_dict = weight_files.load_torch_checkpoint(path)
-    else:
-        state_dict = vit_weights.read_state_dict(path)
+    state_dict = weight_files.load_state_dict(path)
     variables = convert_weights(state_dict, name, with_classifier=with_classifier)
     with contextlib.suppress(OSError):  # A read-only cache only costs a re-conversion next time.
         pretrained.save_variables(variables, converted)

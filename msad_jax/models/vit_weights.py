@@ -22,7 +22,6 @@ kernels are torch's ``[D, 3, p, p]`` transposed, Dense kernels ``[in, out]`` are
 
 from __future__ import annotations
 
-import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import flax
 import numpy as np
 
-from msad_jax.models import convert, weight_files
+from msad_jax.models import convert
 
 LAYOUTS = ("timm", "dinov2", "hf_vit", "hf_dinov2")
 
@@ -166,27 +165,3 @@ def convert_state_dict(
         array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         flat[path] = np.ascontiguousarray(_from_torch(array, path[-1])).astype(leaf.dtype)
     return flax.traverse_util.unflatten_dict(flat)
-
-
-def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """Reads ``.safetensors`` (``safetensors.numpy``) or a torch checkpoint (no pickle globals).
-
-    Raises:
-      WeightFileError: the file is damaged or in no supported format.
-    """
-    path = pathlib.Path(path)
-    with path.open("rb") as handle:
-        head = handle.read(16)
-    if len(head) >= 9 and head[8:9] == b"{":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, TypeError, ValueError) as err:
-            message = " ".join(str(err).split())
-            raise weight_files.WeightFileError(
-                f"{path}: not a readable safetensors file ({message}); delete it and download "
-                "it again."
-            ) from None
-    return weight_files.load_torch_checkpoint(path)
