@@ -19,13 +19,13 @@ import ml_collections
 
 from msad_jax.data.protocols import DATASETS
 from msad_jax.errors import InputError
+from msad_jax.losses import LOSSES
 from msad_jax.models import list_backbones
+from msad_jax.preprocessing import METHODS
 
-LOSSES = ("msc", "contrastive")
 # Keys of earlier versions, still accepted: what each became.
 LEGACY_KEYS = {"threshold_quantile": "threshold_fpr"}
 DTYPES = ("float32", "bfloat16")
-METHODS = ("bilinear", "bicubic")
 
 
 class ConfigError(InputError):

@@ -23,6 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+LOSSES = ("msc", "contrastive")
+"""The losses a run can train with (``config.loss``): MSC, or standard NT-Xent on phi."""
+
 # Logit given to excluded pairs (the anchor itself, padded candidates). Finite, so rows in which
 # every candidate is excluded stay finite (and NaN-free under differentiation); exp() of it is 0.
 _EXCLUDED_LOGIT = -1e30

@@ -34,15 +34,13 @@ import optax
 from flax import jax_utils
 from jax import lax
 
-from msad_jax.losses import l2_normalize, mean_shift, nt_xent_rows
-from msad_jax.optimizer import trainable_mask
+from msad_jax.losses import LOSSES, l2_normalize, mean_shift, nt_xent_rows
+from msad_jax.optimizer import combine, partition
 
 PyTree = Any
 Batch = dict[str, jax.Array]
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]  # (keys [b], uint8 [b,H,W,3]) -> views
 StepFn = Callable[[Any, Batch, jax.Array | None], tuple[Any, dict[str, jax.Array]]]
-
-LOSSES = ("msc", "contrastive")
 
 
 @flax.struct.dataclass
@@ -92,20 +90,6 @@ def create_train_state(
         opt_state=tx.init(params),
         step=jnp.zeros((), jnp.int32),
         rng=rng,
-    )
-
-
-def _split(mask: PyTree, params: PyTree) -> tuple[PyTree, PyTree]:
-    """Partitions params into (trainable, frozen) trees with None in the other's places."""
-    trainable = jax.tree_util.tree_map(lambda m, p: p if m else None, mask, params)
-    frozen = jax.tree_util.tree_map(lambda m, p: None if m else p, mask, params)
-    return trainable, frozen
-
-
-def _merge(mask: PyTree, trainable: PyTree, frozen: PyTree) -> PyTree:
-    """Inverse of :func:`_split`."""
-    return jax.tree_util.tree_map(
-        lambda m, t, f: t if m else f, mask, trainable, frozen, is_leaf=lambda x: x is None
     )
 
 
@@ -226,11 +210,10 @@ def make_train_step(
         n_valid = jnp.sum(all_mask.astype(jnp.float32))
         denom = jnp.maximum(2.0 * n_valid, 1.0)
 
-        param_mask = trainable_mask(state.params, frozen)
-        trainable, frozen_params = _split(param_mask, state.params)
+        trainable, fixed = partition(state.params, frozen)
 
         def local_loss(trainable: PyTree) -> tuple[jax.Array, dict[str, jax.Array]]:
-            params = _merge(param_mask, trainable, frozen_params)
+            params = combine(trainable, fixed)
             feats = _apply_features(model, params, state.batch_stats, jnp.concatenate([x1, x2]))
             phi = l2_normalize(feats)
             z = mean_shift(phi, center) if loss == "msc" else phi
@@ -268,14 +251,10 @@ def make_train_step(
         # Each device holds its share of the gradient of the global loss: sum the shares.
         grads = reduce_sum(grads)
         terms = reduce_sum(terms)
-        full_grads = _merge(
-            param_mask, grads, jax.tree_util.tree_map(jnp.zeros_like, frozen_params)
-        )
+        full_grads = combine(grads, jax.tree_util.tree_map(jnp.zeros_like, fixed))
         updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-        stepped = optax.apply_updates(state.params, updates)
-        new_params = jax.tree_util.tree_map(
-            lambda m, new, old: new if m else old, param_mask, stepped, state.params
-        )
+        # Frozen parameters are copied through bit for bit (not p + 0, which turns -0.0 into 0.0).
+        new_params = combine(fixed, optax.apply_updates(state.params, updates))
         contrastive = terms.pop("contrastive")
         metrics = {"loss": contrastive + terms["angular"], **terms, "count": n_valid}
         if with_grads:

@@ -54,13 +54,12 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
-from msad_jax.losses import align_uniform_terms, l2_normalize, mean_shift
-from msad_jax.optimizer import trainable_mask
+from msad_jax.losses import LOSSES, align_uniform_terms, l2_normalize, mean_shift
+from msad_jax.optimizer import combine, make_optimizer, partition
 
 PyTree = Any
-
-LOSSES = ("contrastive", "msc")
 
 
 class LossSplit(NamedTuple):
@@ -295,17 +294,6 @@ def feature_gradients(
     return _feature_gradients(feats1, feats2, center, shift, temperature=temperature)
 
 
-def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
-    """Sum over all leaves of the elementwise products (scalar, at least float32)."""
-    products = jax.tree_util.tree_map(lambda x, y: jnp.sum(_float(x) * _float(y)), a, b)
-    return sum(jax.tree_util.tree_leaves(products), jnp.zeros((), jnp.float32))
-
-
-def tree_norm(a: PyTree) -> jax.Array:
-    """Global L2 norm of an array or pytree."""
-    return jnp.sqrt(tree_dot(a, a))
-
-
 @jax.jit
 def gradient_balance(grad_align: PyTree, grad_uniform: PyTree) -> GradientBalance:
     """Norms, ratio and cosine of two gradients (arrays or pytrees of the same structure).
@@ -317,9 +305,9 @@ def gradient_balance(grad_align: PyTree, grad_uniform: PyTree) -> GradientBalanc
     Returns:
       The :class:`GradientBalance`.
     """
-    align_norm = tree_norm(grad_align)
-    uniform_norm = tree_norm(grad_uniform)
-    dot = tree_dot(grad_align, grad_uniform)
+    align_norm = optax.tree.norm(grad_align)
+    uniform_norm = optax.tree.norm(grad_uniform)
+    dot = optax.tree.vdot(grad_align, grad_uniform)
     tiny = jnp.asarray(1e-30, jnp.float32)
     cosine = dot / jnp.maximum(align_norm * uniform_norm, tiny)
     return GradientBalance(
@@ -366,23 +354,6 @@ def positive_cosine(
 def backbone_features(model: nn.Module, variables: PyTree, images: jax.Array) -> jax.Array:
     """Backbone outputs ``[N, D]`` (float32) with BatchNorm in inference mode, as in training."""
     return model.apply(variables, images, train=False).astype(jnp.float32)
-
-
-def _partition(params: PyTree, frozen: Sequence[str]):
-    """(trainable leaves, rebuild(trainable_leaves, fill) -> params, flags) of a param tree."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    flags = jax.tree_util.tree_leaves(trainable_mask(params, tuple(frozen)))
-    trainable = [leaf for leaf, keep in zip(leaves, flags, strict=True) if keep]
-
-    def rebuild(values: Sequence[jax.Array], fill=None) -> PyTree:
-        it = iter(values)
-        out = [
-            next(it) if keep else (leaf if fill is None else fill(leaf))
-            for leaf, keep in zip(leaves, flags, strict=True)
-        ]
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    return trainable, rebuild
 
 
 def parameter_gradients(
@@ -444,11 +415,13 @@ def _parameter_gradients(
     frozen: tuple[str, ...],
 ) -> ParameterGradients:
     b = views1.shape[0]
-    trainable, rebuild = _partition(variables["params"], frozen)
+    trainable, fixed = partition(variables["params"], frozen)
 
-    def features_of(values: list[jax.Array]) -> jax.Array:
+    def features_of(trainable: PyTree) -> jax.Array:
         return backbone_features(
-            model, {**variables, "params": rebuild(values)}, jnp.concatenate([views1, views2])
+            model,
+            {**variables, "params": combine(trainable, fixed)},
+            jnp.concatenate([views1, views2]),
         )
 
     feats, pullback = jax.vjp(features_of, trainable)
@@ -458,9 +431,10 @@ def _parameter_gradients(
     (grad_align,) = pullback(grad_align_f)
     (grad_uniform,) = pullback(grad_uniform_f)
     split = _loss_split(feats[:b], feats[b:], center, shift, temperature=temperature)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, fixed)
     return ParameterGradients(
-        align=rebuild(grad_align, fill=jnp.zeros_like),
-        uniform=rebuild(grad_uniform, fill=jnp.zeros_like),
+        align=combine(grad_align, zeros),
+        uniform=combine(grad_uniform, zeros),
         features=feats,
         split=split,
     )
@@ -476,27 +450,13 @@ def update_direction(
 ) -> PyTree:
     """One SGD step's parameter change ``-lr * (g + wd * p)``; zero for frozen parameters.
 
-    This is exactly the update of :func:`msad_jax.optimizer.make_optimizer` (no momentum,
-    coupled weight decay, SPEC §5), so ``params + update_direction(...)`` is the next step's
-    parameters.
-
-    Args:
-      grads: gradient pytree of the batch loss.
-      params: current parameters.
-      learning_rate: ``lr``.
-      weight_decay: ``wd``.
-      frozen: regexes of frozen parameters.
-
-    Returns:
-      A pytree like ``params``.
+    The update of :func:`msad_jax.optimizer.make_optimizer` itself (SPEC §5), so
+    ``params + update_direction(...)`` is the next step's parameters.
     """
-    mask = trainable_mask(params, tuple(frozen))
-    return jax.tree_util.tree_map(
-        lambda keep, g, p: -learning_rate * (g + weight_decay * p) if keep else jnp.zeros_like(p),
-        mask,
-        grads,
-        params,
+    tx = make_optimizer(
+        params, learning_rate=learning_rate, weight_decay=weight_decay, frozen=tuple(frozen)
     )
+    return tx.update(grads, tx.init(params), params)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -27,8 +27,8 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from msad_jax.analysis.conditioning import LOSSES
 from msad_jax.config import ConfigError, default_config, validate_config
+from msad_jax.losses import LOSSES
 
 STUDY_DEFAULTS: dict[str, object] = {
     "study_losses": "contrastive,msc",

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from msad_jax.models import (
     convert,
     efficientnet_lite,
@@ -46,6 +45,7 @@ from msad_jax.models import (
     vit_weights,
     weight_files,
 )
+from msad_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
