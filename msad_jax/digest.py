@@ -16,13 +16,6 @@ import numpy as np
 PyTree = Any
 
 
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
 def named_leaves(tree: PyTree) -> list[tuple[str, np.ndarray]]:
     """The leaves of ``tree`` as ``(path, array)``, the path joined with ``/``, sorted by path.
 
@@ -30,7 +23,7 @@ def named_leaves(tree: PyTree) -> list[tuple[str, np.ndarray]]:
     the container types (a namedtuple and the dict it is read back as give the same names).
     """
     named = [
-        ("/".join(_key_name(k) for k in path), np.asarray(leaf))
+        (jax.tree_util.keystr(path, simple=True, separator="/"), np.asarray(leaf))
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     ]
     return sorted(named, key=lambda item: item[0])
