@@ -1,4 +1,7 @@
-"""Per-class result tables (Markdown and CSV) with the published means of SPEC section 9.
+"""Reports in Markdown and CSV: one class's run, and per-class tables with the published means.
+
+A class's report (:func:`class_markdown`) is its evaluation history and threshold. The per-class
+tables (:func:`write_report`) show the published means of SPEC section 9 beside ours.
 
 Inputs are per-class results whose metrics are fractions in ``[0, 1]`` (what :mod:`msad_jax.metrics`
 returns); tables show them as percentages. Only the published *means* are listed (no per-class
@@ -15,6 +18,10 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from msad_jax import calibration
+from msad_jax.data import tfds_sources
 
 DATASETS: dict[str, str] = {
     "cifar10": "CIFAR-10",
@@ -26,11 +33,8 @@ DATASETS: dict[str, str] = {
 """Dataset keys and display names."""
 
 NUM_CLASSES: dict[str, int] = {
-    "cifar10": 10,
-    "cifar100": 20,
-    "fashion_mnist": 10,
-    "cats_vs_dogs": 2,
-    "mvtec": 15,
+    **{name: len(spec.class_names) for name, spec in tfds_sources.SPECS.items()},
+    "mvtec": 15,  # the categories of MVTec AD
 }
 """Number of one-class experiments whose mean is the published figure (SPEC section 8)."""
 
@@ -372,3 +376,44 @@ def write_report(
     csv_kwargs = {k: v for k, v in kwargs.items() if k != "decimals"}
     csv_path.write_text(csv_report(dataset, results, **csv_kwargs))  # type: ignore[arg-type]
     return md_path, csv_path
+
+
+def _threshold_markdown(calibrated: Mapping[str, Any]) -> str:
+    source = {
+        calibration.LEAVE_ONE_OUT: "leave-one-out scores of the {n} normal training images",
+        calibration.HOLDOUT: "{n} normal training images held out from training and gallery",
+    }[calibrated["method"]].format(n=calibrated["calibration_images"])
+    return (
+        f"Threshold {calibrated['threshold']:.6g}, set for a false-positive rate of "
+        f"{100 * calibrated['target_fpr']:.3g}% from the {source}. On the test images it flags "
+        f"{100 * calibrated['test_fpr']:.2f}% of the normal ones (false positives) and "
+        f"{100 * calibrated['test_recall']:.2f}% of the anomalous ones."
+    )
+
+
+def class_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md`` of one class: its recipe, evaluation history and threshold.
+
+    Args:
+      report: the class's report (what ``report.json`` holds).
+    """
+    lines = [
+        f"# {report['dataset']}: normal class {report['normal_class']} ({report['class_name']})",
+        "",
+        f"Backbone {report['backbone']}, loss {report['loss']}"
+        f"{' + angular' if report['angular'] else ''}, {report['epochs']} epochs. "
+        f"Counts: {report['counts']}.",
+        "",
+        "| epoch | ROC-AUC % | AP % | FPR@95TPR % | mean loss |",
+        "|---|---|---|---|---|",
+    ]
+    for h in report["history"]:
+        if "auroc" not in h:
+            continue
+        loss = "" if h.get("mean_loss") is None else f"{h['mean_loss']:.4f}"
+        lines.append(
+            f"| {h['epoch']} | {100 * h['auroc']:.2f} | {100 * h['average_precision']:.2f} | "
+            f"{100 * h['fpr_at_95_tpr']:.2f} | {loss} |"
+        )
+    lines += ["", _threshold_markdown(report["calibration"]), ""]
+    return "\n".join(lines)

@@ -78,6 +78,14 @@ def unflatten_variables(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return tree
 
 
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes ``data`` via a temporary file renamed over ``path`` (a kill leaves the old one)."""
+    temporary = f"{os.fspath(path)}.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+    os.replace(temporary, path)
+
+
 def write_detector_file(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     """Writes ``arrays`` and their digest to ``path`` atomically (a kill leaves the old file)."""
     arrays = {**arrays, "sha256": np.asarray(detector_arrays_digest(arrays))}
@@ -85,6 +93,15 @@ def write_detector_file(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     with open(temporary, "wb") as handle:
         np.savez(handle, **arrays)
     os.replace(temporary, path)
+
+
+def recorded_detector_step(workdir: str) -> int | None:
+    """The checkpoint step ``<workdir>/detector.npz`` was built from (None: none recorded)."""
+    try:
+        with np.load(os.path.join(workdir, DETECTOR_FILE)) as saved:
+            return int(saved["checkpoint_step"]) if "checkpoint_step" in saved else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
 
 
 def read_detector_file(path: str) -> dict[str, np.ndarray]:

@@ -68,7 +68,7 @@ from msad_jax.data.protocols import OneClassData
 from msad_jax.features import make_feature_extractor
 from msad_jax.losses import mean_shift
 from msad_jax.optimizer import make_optimizer
-from msad_jax.train import (
+from msad_jax.run_setup import (
     frozen_patterns,
     load_data,
     model_and_variables,

@@ -19,7 +19,7 @@ Digits", test part). It has no train/test split, so this module fixes one:
   default: bright-on-black 94.2 / 95.4 / 95.4 / 96.4 % and inverted 91.5 / 94.0 / 97.1 / 96.5 %
   at 32 / 64 / 96 / 128 pixels (``benchmarks/results/demo.md``); the demo uses 64.
 
-One-class protocol (``msad_jax.data.protocols.load_one_class('digits', c)``): train on the
+One-class protocol (``msad_jax.data.registry.load_one_class('digits', c)``): train on the
 training images of digit ``c`` (about 120), test on all 599 test images (about 60 normal).
 """
 

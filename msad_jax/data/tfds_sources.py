@@ -23,8 +23,6 @@ import numpy as np
 from msad_jax.data.images import default_workers, fit_square
 from msad_jax.errors import InputError, MissingDependencyError, MissingInputError
 
-TFDS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "cats_vs_dogs")
-
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSpec:
@@ -33,7 +31,6 @@ class TfdsSpec:
     tfds_name: str
     label_key: str
     class_names: tuple[str, ...]
-    splits: tuple[str, ...]
 
 
 CIFAR10_CLASSES = (
@@ -85,10 +82,10 @@ FASHION_MNIST_CLASSES = (
 CATS_VS_DOGS_CLASSES = ("cat", "dog")
 
 SPECS: dict[str, TfdsSpec] = {
-    "cifar10": TfdsSpec("cifar10", "label", CIFAR10_CLASSES, ("train", "test")),
-    "cifar100": TfdsSpec("cifar100", "coarse_label", CIFAR100_SUPERCLASSES, ("train", "test")),
-    "fashion_mnist": TfdsSpec("fashion_mnist", "label", FASHION_MNIST_CLASSES, ("train", "test")),
-    "cats_vs_dogs": TfdsSpec("cats_vs_dogs", "label", CATS_VS_DOGS_CLASSES, ("train",)),
+    "cifar10": TfdsSpec("cifar10", "label", CIFAR10_CLASSES),
+    "cifar100": TfdsSpec("cifar100", "coarse_label", CIFAR100_SUPERCLASSES),
+    "fashion_mnist": TfdsSpec("fashion_mnist", "label", FASHION_MNIST_CLASSES),
+    "cats_vs_dogs": TfdsSpec("cats_vs_dogs", "label", CATS_VS_DOGS_CLASSES),
 }
 
 
