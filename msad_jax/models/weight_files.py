@@ -601,10 +601,8 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     head = _read_head(path)
-    if _is_legacy_stream(head):
-        return load_torch_checkpoint(path)
-    if _is_tar(head):
-        raise LegacyCheckpointFormatError(f"{path}: {_TAR_MESSAGE}")
+    if _is_legacy_stream(head) or _is_tar(head):
+        return load_torch_checkpoint(path)  # the tar format is refused there
     if head[:4] in _ZIP_MAGICS:
         with _open_zip(path) as archive:
             names = archive.namelist()
@@ -628,15 +626,13 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # Writers.
 
-_SAFETENSORS_DTYPES = frozenset(
-    np.dtype(t)
-    for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16, np.bool_, np.int64)
-    + (np.int32, np.int16, np.int8, np.uint64, np.uint32, np.uint16, np.uint8)
-)
-
 
 def _npz_dtype_ok(dtype: np.dtype) -> bool:
     return dtype.kind in "biuf" and dtype.type is not np.longdouble
+
+
+def _safetensors_dtype_ok(dtype: np.dtype) -> bool:
+    return _npz_dtype_ok(dtype) or dtype == ml_dtypes.bfloat16
 
 
 def _checked_arrays(
@@ -685,7 +681,7 @@ def save_safetensors(
       ValueError: an unsupported dtype, a bad name (e.g. ``'__metadata__'``) or metadata that
         is not strings.
     """
-    arrays = _checked_arrays(tensors, _SAFETENSORS_DTYPES.__contains__, "safetensors")
+    arrays = _checked_arrays(tensors, _safetensors_dtype_ok, "safetensors")
     if "__metadata__" in arrays:
         raise ValueError("'__metadata__' is reserved in safetensors; rename that tensor")
     if metadata is not None and not all(
