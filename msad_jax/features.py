@@ -1,21 +1,4 @@
-"""Feature extraction and the center of the normal features (SPEC §2-3).
-
-phi(x) = f(x) / max(||f(x)||, 1e-12) with f the backbone's pooled features (BatchNorm in inference
-mode, evaluation preprocessing). The center is the mean of phi over all normal training images,
-computed once with the pretrained model; it is re-normalised only when the angular term is used.
-
-Eval batches come from the host pipeline with a leading device axis: ``{'image': uint8
-[n_devices, b, H, W, 3], 'mask': bool [n_devices, b]}``; flattening ``[n_devices, b]`` in row-major
-order gives input order, and mask False marks padding. The pmapped extractor returns phi per device
-plus the masked feature sum and count, already reduced over devices with ``lax.psum``. The host loop
-does not block per batch: device results are fetched in groups, and the per-batch sums are added in
-float64 on the host.
-
-Multi-host (:mod:`msad_jax.distributed`): each process feeds its local devices its slice of every
-global batch (``eval_batches(..., process_index, process_count)``); the pmapped ``psum`` then runs
-over the devices of all processes, so sum and count (hence the center) are global, and the
-features of all processes are all-gathered to every process in input order.
-"""
+"""Feature extraction and the center of the normal features (SPEC §2-3)."""
 
 from __future__ import annotations
 
@@ -82,10 +65,6 @@ def make_feature_extractor(
     model: nn.Module, preprocess_fn: PreprocessFn, *, axis_name: str = "batch"
 ) -> FeatureFn:
     """The pmapped feature function over the local devices.
-
-    Call it as ``extractor(variables, batch)`` with replicated ``variables`` (leading device axis,
-    e.g. ``msad_jax.train_step.replicate_state({'params': ..., 'batch_stats': ...})``) and a
-    sharded eval batch ``{'image': [n_devices, b, H, W, 3], 'mask': [n_devices, b]}``.
 
     Args:
       model: Flax backbone.

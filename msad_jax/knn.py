@@ -1,26 +1,10 @@
 """Exact k-nearest-neighbour anomaly scores in JAX (SPEC section 7).
 
-The anomaly score of a query is the sum of squared L2 distances to its ``k`` nearest gallery rows
-(the gallery holds phi of the normal training images; ``k = 2`` in MSC).
-
-- Rows are selected by ``s = ||g||^2 - (2q).g`` (``||q||^2`` is the same for every row), with
-  ``precision=HIGHEST`` matmuls in at least float32; masked gallery rows get ``||g||^2 = +inf``.
-  Nothing assumes unit-norm inputs.
-- The selected rows' distances are then computed directly as ``sum((q - g)^2)``: the expanded form
-  loses about 1e-7 absolute (1e-5 relative on the small distances of normal images), the direct
-  one is exact to float32 rounding, so a score does not depend on how the matmul was blocked
-  (exported scorers score like the detector, :mod:`msad_jax.export`).
-- Queries go through one jitted ``lax.map`` over chunks sized by a memory budget
-  (:func:`plan_scoring`); when even a small chunk does not fit, the gallery is split into tiles
-  merged with a running top-k. Chunks and tiles are dynamic slices (the last one moved back to end
-  at the last row), so nothing is copied or padded.
-- Selection is exact and, on CPU with a large gallery, two-stage (:func:`_smallest_distances`):
-  the minimum of ``s`` over groups of rows, fused into the matmul, picks ``k`` groups whose rows
-  are then ranked. XLA:CPU's top-k is single-threaded, and this removes most of its cost
-  (measurements: ``benchmarks/NOTES.md``).
-
-:data:`DEFAULT_MEMORY_BUDGET_BYTES` bounds the working buffers of scoring (per device; the gallery
-and queries themselves are not counted).
+The score is the sum of squared L2 distances to the ``k`` nearest gallery rows. Rows are selected by
+``s = ||g||^2 - (2q).g`` (HIGHEST-precision matmuls, at least float32), then their distances are
+recomputed directly, so a score does not depend on how the work was blocked. Queries run in chunks
+sized by a memory budget (:func:`plan_scoring`); on CPU a two-stage selection over groups of rows
+avoids most of XLA's single-threaded top-k (measurements: ``benchmarks/NOTES.md``).
 """
 
 from __future__ import annotations
@@ -54,15 +38,7 @@ def _compute_dtype(*arrays: jax.typing.ArrayLike) -> jnp.dtype:
 
 
 def group_size(num_rows: int, k: int, dim: int) -> int:
-    """Rows per group for the two-stage selection over ``num_rows`` gallery rows (1 = no groups).
-
-    Stage 2 costs about ``num_rows / group`` top-k work per query and stage 3 gathers
-    ``k * group * dim`` values per query; the target ``2 * sqrt(num_rows / (k * dim))`` balances
-    the two (``benchmarks/NOTES.md``). The group must divide ``num_rows`` (groups are a free
-    reshape of the distance block) and leave at least ``k`` groups; the divisor in ``[2, 64]``
-    closest to the target (by ratio) is used. Plain top-k (1) is used when the target is below 3
-    or no divisor is within a factor 2 of it.
-    """
+    """Rows per group for the two-stage selection over ``num_rows`` gallery rows (1 = no groups)."""
     target = 2.0 * math.sqrt(num_rows / (k * dim))
     if target < 3:
         return 1
@@ -117,17 +93,6 @@ def plan_scoring(
     grouped: bool = True,
 ) -> ScoringPlan:
     """Chooses chunk, tile and group sizes so the working buffers fit ``memory_budget_bytes``.
-
-    Memory model, per query row of a chunk, in units of ``itemsize``: ``2 * dim`` for the query
-    chunk and its doubled copy, ``tile`` for the ``[chunk, tile]`` block of keys, ``k * dim`` for
-    the selected rows (gathered to refine their distances), and for the two-stage selection also
-    ``2 * tile / group + k * group * (dim + 2)`` (group minima and their transposed copy, then
-    the gathered candidate rows). Checked against XLA's compiled temp sizes
-    and the measured peak RSS of a call (the fused matmul-reduce holds the block internally,
-    which the compiled temp size does not show). The whole gallery is one tile when a chunk of at
-    least :data:`MIN_QUERY_CHUNK` queries fits; then the chunk is the largest that fits (at most
-    :data:`MAX_QUERY_CHUNK`), balanced so that all chunks have nearly equal sizes. Otherwise the
-    gallery is split into tiles (multiples of :data:`PREFERRED_GROUP` rows when possible).
 
     Args:
       num_queries: number of query rows (> 0).
@@ -215,21 +180,9 @@ def _smallest_distances(
 ) -> jax.Array:
     """Squared distances of the rows with the ``count`` smallest ``s = ||g||^2 - (2q).g``.
 
-    Selection is by ``s``; the selected rows' distances ``||q - g||^2`` are then computed
-    directly (:func:`_refined`), in the order of ``s`` (ascending up to rounding).
-
-    With ``group == 1`` this is a top-k over the ``[chunk, rows]`` block. With ``group > 1`` it is
-    a two-stage exact selection: (1) the minimum of ``s`` over each group of ``group`` consecutive
-    rows, computed by one matmul with the reduction fused into it (XLA:CPU fuses
-    ``dot -> subtract -> reduce_min`` when the reduced axis is the major one, so the full block is
-    never written); (2) a top-k over the group minima picks ``count`` groups per query; (3) their
-    ``count * group`` rows are gathered and scored exactly, and a top-k over them gives the answer.
-
-    Why (2) keeps the exact answer: let ``w_j`` be the true ``j``-th smallest value. If fewer than
-    ``j`` candidates were ``<= w_j``, some row ``y`` with ``s(y) <= w_j`` lies in an unselected
-    group ``H``; every selected group then has minimum ``<= min(H) <= w_j``, which gives ``count``
-    distinct candidates ``<= w_j`` -- a contradiction. So the ``count`` smallest candidate values
-    equal the ``count`` smallest values overall (ties included).
+    With ``group > 1``: the minimum of ``s`` per group (fused into the matmul) picks ``count``
+    groups, whose rows are then ranked. Exact: every selected group's minimum is at most that of
+    any unselected group, so the ``count`` smallest candidates are the ``count`` smallest overall.
     """
     num_rows = rows.shape[0]
     dot_dims = (((1,), (1,)), ((), ()))
@@ -265,22 +218,8 @@ def _local_topk(
 ) -> jax.Array:
     """Traceable core: the ``k`` smallest squared distances of every query, ``[Q, k]`` ascending.
 
-    Neither input is copied or padded: query chunks and gallery tiles are dynamic slices whose
-    start is clamped so that the last block ends at the last row. The last query chunk therefore
-    recomputes a few rows of the previous one (the duplicates are dropped); in the last gallery
-    tile, rows already covered by the previous tile are masked out so nothing is counted twice.
-
-    Args:
-      gallery: ``[G, D]`` gallery rows.
-      queries: ``[Q, D]`` query rows.
-      valid: ``[G]`` bool, False rows are never selected (their distance is +inf).
-      k: number of neighbours (``k <= G``).
-      query_chunk: queries per loop step (``<= Q``).
-      gallery_tile: gallery rows per inner step (``<= G``; ``G`` means no tiling).
-      group: rows per group of the two-stage selection (must divide ``gallery_tile``).
-
-    Returns:
-      ``[Q, k]`` distances, ascending; +inf where fewer than ``k`` valid rows exist.
+    Chunks and tiles are dynamic slices clamped to end at the last row (nothing copied or padded);
+    rows covered twice are dropped or masked.
     """
     dtype = _compute_dtype(gallery, queries)
     gallery = gallery.astype(dtype)
@@ -480,9 +419,7 @@ def knn_scores(
 def knn_scores_traceable(gallery: jax.Array, queries: jax.Array, k: int = 2) -> jax.Array:
     """:func:`knn_scores` as a plain traceable function, for use inside other jitted functions.
 
-    No chunking or memory plan: the whole ``[Q, G]`` block of selection keys is formed (with the
-    same selection and refined distances as :func:`knn_scores`), so the number of queries may be
-    a symbolic dimension (``jax.export``). Mind its memory: ``Q * G`` values.
+    No chunking: the whole ``[Q, G]`` key block is formed, so ``Q`` may be symbolic (jax.export).
 
     Args:
       gallery: ``[G, D]`` gallery rows (``k <= G``).

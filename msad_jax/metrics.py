@@ -1,11 +1,4 @@
-"""Detection metrics of raw anomaly scores (label 1 = anomaly): scikit-learn's, with input checks.
-
-Scores are used exactly as given (never normalised or clipped, SPEC section 7); a higher score
-means "more anomalous". Ties are scikit-learn's: examples sharing a score enter the curves
-together, so a tie between a normal and an anomalous image counts half in the ROC-AUC. The checks
-turn what scikit-learn would answer with a warning and NaN (single-class labels) or a long error
-into one line.
-"""
+"""Detection metrics of raw anomaly scores (label 1 = anomaly): scikit-learn's, input-checked."""
 
 from __future__ import annotations
 
@@ -78,8 +71,6 @@ def average_precision(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
 
 def fpr_at_tpr(labels: npt.ArrayLike, scores: npt.ArrayLike, tpr: float = 0.95) -> float:
     """False-positive rate at the highest threshold whose true-positive rate reaches ``tpr``.
-
-    No interpolation: that threshold also has the lowest FPR of all thresholds reaching ``tpr``.
 
     Raises:
       ValueError: for a ``tpr`` outside ``(0, 1]``, single-class labels, NaN/inf scores or

@@ -1,13 +1,4 @@
-"""SGD with coupled weight decay on the trainable parameters only (SPEC §5), and the split.
-
-The update of a trainable parameter is ``p <- p - lr * (g + wd * p)`` (PyTorch ``SGD`` with
-``weight_decay`` and no momentum); a frozen parameter gets exactly zero update and no decay.
-Frozen parameters are selected by regular expressions matched with ``re.search`` against the
-'/'-joined path of each parameter, e.g. ``'layer1/0/conv1/kernel'``; the ResNet-152 default is
-``('^conv1/', '^bn1/', '^layer1/', '^layer2/')``. :func:`partition` splits the parameters the same
-way, so that a step differentiates only the trainable ones (the training step and the analysis
-share it).
-"""
+"""SGD with coupled weight decay on the trainable parameters only (SPEC §5), and the split."""
 
 from __future__ import annotations
 
@@ -71,11 +62,7 @@ def trainable_mask(params: PyTree, frozen: Sequence[str] = ()) -> PyTree:
 
 
 def partition(params: PyTree, frozen: Sequence[str] = ()) -> tuple[PyTree, PyTree]:
-    """``(trainable, fixed)``: ``params`` with None in place of the frozen, and of the others.
-
-    Differentiating a function of ``combine(trainable, fixed)`` w.r.t. ``trainable`` runs no
-    backward pass through frozen layers.
-    """
+    """``(trainable, fixed)``: ``params`` with None in place of the frozen, and of the others."""
     mask = trainable_mask(params, frozen)
     trainable = jax.tree.map(lambda keep, p: p if keep else None, mask, params)
     fixed = jax.tree.map(lambda keep, p: None if keep else p, mask, params)
@@ -97,9 +84,6 @@ def make_optimizer(
     frozen: Sequence[str] = (),
 ) -> optax.GradientTransformation:
     """SGD without momentum, coupled weight decay, constant rate, on trainable parameters only.
-
-    Trainable: ``update = -lr * (g + wd * p)``. Frozen: ``update = 0`` (their gradients are ignored
-    and may be zeros). No clipping, no schedule; ``update`` needs ``params``.
 
     Raises:
       ValueError: a non-positive rate, a negative decay, or a frozen pattern that matches nothing.

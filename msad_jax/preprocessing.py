@@ -1,9 +1,4 @@
-"""How a backbone wants its input images: the description both backbones and transforms use.
-
-Backbones (:mod:`msad_jax.models`) name their evaluation preprocessing (SPEC §6) and the
-transforms (:mod:`msad_jax.data.transforms`) apply it; this small module lets both import it
-without importing each other.
-"""
+"""How a backbone wants its input images: the description both backbones and transforms use."""
 
 from __future__ import annotations
 

@@ -1,24 +1,8 @@
 """The MSC fine-tuning step, written per device over a named axis and run with ``jax.pmap``.
 
-One step (SPEC §2-5): draw or take two views of the local images, run the backbone once on both
-(BatchNorm in inference mode), normalise the features to phi, shift by the precomputed center and
-re-normalise to theta (MSC) or use phi itself (standard contrastive loss), gather the vectors of all
-devices so that the negatives are the whole global batch, evaluate the loss of the local anchors,
-reduce the gradients across devices and apply the optax update.
-
-How the multi-device result equals the single-device one. Device ``d`` evaluates only its own
-anchors (its ``2b`` rows) against the gathered ``2N`` candidates and divides by the *global* number
-of valid anchors, so the global loss is the sum of the device losses. Under ``jax.grad`` the
-transpose of the tiled ``all_gather`` is a reduce-scatter: device ``d`` receives, for its own
-features, the sum over all devices of the cotangents of the gathered copies, i.e. the derivative of
-the *global* loss w.r.t. its features. Backpropagating that through the local network gives device
-``d``'s share of the global gradient, and the global gradient is the sum of the shares
-(``lax.psum``; the test suite checks this against a single device numerically). The angular term
-only involves local features and is split the same way.
-
-Frozen parameters are not differentiated at all (the parameters are partitioned before
-``jax.grad``), so XLA runs no backward pass through frozen stages; they get zero gradients for the
-optimizer and are copied through unchanged, bit for bit, as are the BatchNorm statistics.
+Each device scores its own anchors against the gathered global batch and divides by the global
+anchor count, so the summed gradients equal the single-device ones (the tests check this). Frozen
+parameters are split off before ``jax.grad``: no backward pass through them, copied bit for bit.
 """
 
 from __future__ import annotations
@@ -102,11 +86,7 @@ def _apply_features(model: nn.Module, params: PyTree, batch_stats: PyTree, x: ja
 
 
 def example_keys(rng: jax.Array, step: jax.Array, view: int, rows: jax.Array) -> jax.Array:
-    """Augmentation keys ``[len(rows)]`` of one view of the given global-batch rows.
-
-    A key depends only on (rng, step, view, row of the global batch), so the augmented views of a
-    global batch are the same whatever the number of devices or hosts it is split over.
-    """
+    """Augmentation keys ``[len(rows)]`` of one view of the given global-batch rows."""
     base = jax.random.fold_in(jax.random.fold_in(rng, step), view)
     return jax.vmap(lambda row: jax.random.fold_in(base, row))(rows)
 
@@ -125,22 +105,11 @@ def make_train_step(
 ) -> StepFn:
     """Builds the per-device training step ``(state, batch, center) -> (state, metrics)``.
 
-    ``batch`` holds this device's share of the global batch: ``'mask'`` bool ``[b]`` (False =
-    padding) and either ``'view1'``/``'view2'`` float ``[b, S, S, 3]`` (when ``augment_fn`` is None)
-    or ``'image'`` uint8 ``[b, H, W, 3]``, from which two views are drawn on device with one key
-    per example and view from :func:`example_keys` (independent of the device count).
-    ``center`` is the precomputed float32 center ``[D]`` (unit-norm iff ``angular``; unused, may
-    be None, for ``loss='contrastive'`` without ``angular``).
-
-    The loss is the global mean over the valid anchors of all devices. Metrics (global, replicated):
-    ``loss``, ``align``, ``uniform`` (the exact NT-Xent split), ``angular`` (0 when off), ``count``
-    (valid images) and, with ``with_grads``, ``grads`` (the reduced gradient, zeros for frozen
-    parameters).
-
     Args:
       model: Flax backbone, ``apply(variables, x, train=False) -> [n, D]``; its ``dtype`` sets the
         compute dtype (features are cast to float32 before the loss).
-      tx: optax transformation (:func:`msad_jax.optimizer.make_optimizer` with the same ``frozen``).
+      tx: optax transformation (:func:`msad_jax.optimizer.make_optimizer` with the same
+        ``frozen``).
       loss: ``'msc'`` (NT-Xent on theta) or ``'contrastive'`` (NT-Xent on phi).
       angular: add the angular center term (SPEC §4).
       temperature: ``tau``.
@@ -268,10 +237,6 @@ def make_train_step(
 def replicate_state(tree: PyTree, *, axis_name: str = "batch") -> PyTree:
     """Copies a pytree (e.g. a :class:`TrainState`) to every local device for the pmapped step.
 
-    Same as ``flax.jax_utils.replicate`` but with the mesh axis named like the pmap axis: the
-    step's outputs then carry the same sharding as its inputs, so the second call does not
-    recompile (with flax's default axis name it does, once).
-
     Args:
       tree: pytree of arrays.
       axis_name: the pmap axis name.
@@ -284,9 +249,6 @@ def replicate_state(tree: PyTree, *, axis_name: str = "batch") -> PyTree:
 
 def pmap_train_step(step: StepFn, *, axis_name: str = "batch") -> StepFn:
     """Runs a per-device step over the local devices.
-
-    The state is replicated (leading device axis, see :func:`replicate_state`) and donated,
-    the batch is sharded (leading device axis), the center is broadcast.
 
     Args:
       step: from :func:`make_train_step` with the same ``axis_name``.
