@@ -1,9 +1,4 @@
-"""The one-class protocol (SPEC §8): a normal class's training images and a labelled test split.
-
-:class:`OneClassData` is one such problem; :func:`one_class_from_labelled` cuts it out of labelled
-images (one class normal, every other class an anomaly: test label 1). The sources of labelled
-images are named in :mod:`msad_jax.data.registry`.
-"""
+"""The one-class protocol (SPEC §8): a normal class's training images and a labelled test split."""
 
 from __future__ import annotations
 

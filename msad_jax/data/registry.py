@@ -1,21 +1,4 @@
-"""Data sources by name: their classes, their one-class problems, what decides their images.
-
-==================  ===========================================================================
-``cifar10``         TFDS; train on the class's 5000 images; test on all 10000 (1000 normal).
-``cifar100``        TFDS; the 20 coarse superclasses are the classes; 2500 train; all 10000 test.
-``fashion_mnist``   TFDS; grayscale replicated to 3 channels; 6000 train; all 10000 test.
-``cats_vs_dogs``    TFDS's single 'train' split cut per class into a fixed seeded test part
-                    (2500) and train part (up to 10000), see ``cats_vs_dogs_split``.
-                    Images are resized to ``image_size`` (default 256, shorter side + crop).
-``digits``          scikit-learn's 8x8 digits (no download), a fixed seeded stratified split
-                    (``msad_jax.data.digits``); about 120 train; all 599 test (about 60 normal).
-``synthetic``       colour gratings (``msad_jax.data.synthetic``), for smoke runs and tests.
-``folder``          a directory or .zip file of images (``msad_jax.data.folders`` layouts).
-``arrays``          in-memory labelled arrays (:class:`~msad_jax.data.protocols.LabelledArrays`).
-==================  ===========================================================================
-
-Test label 1 = anomaly (every class other than the normal one).
-"""
+"""Data sources by name: their classes, their one-class problems, what decides their images."""
 
 from __future__ import annotations
 
@@ -46,10 +29,7 @@ class DataOptions:
       data_dir: TFDS data directory (TFDS sources; None: TFDS's default).
       path: directory or .zip file of images ('folder').
       arrays: labelled arrays ('arrays').
-      image_size: resize images to this square side (shorter side + center crop, Pillow
-        bilinear). None: arrays and TFDS images keep their native size when all sizes agree
-        (else 256); folders follow the rule of ``msad_jax.data.images`` (images larger than
-        256, or of mixed sizes, become 256x256 as they are decoded).
+      image_size: resize images to this square side (shorter side + center crop, Pillow bilinear).
       download: let TFDS prepare a missing dataset (needs TensorFlow and network, or the source
         files in ``manual_dir``).
       manual_dir: TFDS manual download directory.
@@ -83,8 +63,8 @@ class DatasetSpec:
       name: registry name.
       class_names: ``options -> names`` of the classes that can be the normal class.
       load: ``(normal class index or name, options) -> OneClassData``.
-      identity: ``options -> {key: value}`` of what decides which images the source serves
-        besides its name and ``image_size`` (a resumed run must agree on it).
+      identity: ``options -> {key: value}`` of what decides which images the source serves besides
+        its name and ``image_size`` (a resumed run must agree on it).
     """
 
     name: str
@@ -280,11 +260,7 @@ def dataset_spec(dataset: str) -> DatasetSpec:
 
 
 def class_names(dataset: str, **options: Any) -> list[str]:
-    """Names of the classes that can be the normal class (what ``normal_class`` indexes).
-
-    ``options`` are :class:`DataOptions` fields: 'folder' needs ``path`` (its train class folders,
-    or MVTec categories), 'arrays' needs ``arrays``.
-    """
+    """Names of the classes that can be the normal class (what ``normal_class`` indexes)."""
     return dataset_spec(dataset).class_names(DataOptions(**options))
 
 

@@ -1,15 +1,4 @@
-"""TFDS datasets read with random access (``array_record``), no TensorFlow needed to read.
-
-Reading uses ``builder.as_data_source`` (what ``tfds.data_source`` does). Preparing a dataset the
-first time (download + conversion to ``array_record``) needs TensorFlow: ``pip install
-'msad_jax[tf]'``. Data lives in ``data_dir`` (default: ``$TFDS_DATA_DIR`` or
-``~/tensorflow_datasets``); files put in the manual directory (default
-``<data_dir>/downloads/manual``) under their original names are used instead of downloading, which
-is how to prepare a dataset on a machine without internet.
-
-``tfds.testing.mock_data`` works with these functions unchanged (it replaces
-``as_data_source``), which is how the tests run without data or network.
-"""
+"""TFDS datasets read with random access (``array_record``), no TensorFlow needed to read."""
 
 from __future__ import annotations
 
@@ -200,8 +189,8 @@ def read_examples(
       indices: record indices to read, in output order.
       label_key: feature holding the class id.
       image_size: resize each image with ``fit_square`` (needed when sizes vary).
-      with_images: False reads labels (and file names) only; images are still decoded by TFDS
-        but dropped right away.
+      with_images: False reads labels (and file names) only; images are still decoded by TFDS but
+        dropped right away.
       num_workers: reader threads.
 
     Returns:
@@ -251,13 +240,6 @@ def cats_vs_dogs_split(
     seed: int = CATS_VS_DOGS_SEED,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fixed, seeded per-class train/test split of CatsVsDogs.
-
-    Per class, the examples are sorted by file name (ties by record index), so the split does not
-    depend on the record order of a particular preparation, then permuted with
-    ``numpy.random.Generator(PCG64(seed + class_id))``. The first ``test_per_class`` go to test
-    and the next ``train_per_class`` to train. TFDS's copy drops 1,738 corrupt Kaggle files, so a
-    class has about 11.6k images rather than 12.5k: test keeps its 2500 and train gets the rest
-    (fewer than 10000); ``OneClassData.counts()`` reports the numbers.
 
     Args:
       labels: class id per record.

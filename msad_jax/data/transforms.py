@@ -1,27 +1,4 @@
-"""Evaluation transforms on device: resize, center crop, normalise (SPEC §6).
-
-The resize reproduces Pillow's resampling (what torchvision's ``Resize`` does on PIL images): each
-output pixel is a normalised, antialiased filter over the source pixels, a triangle (bilinear) or
-Keys cubic with a = -0.5 (bicubic) whose support widens by the downscaling factor. Because the
-filter is separable and the input shape is static, a resize followed by a center crop is two small
-matrix products with constant weight matrices (``[S, H]`` and ``[S, W]``): one pass, no dynamic
-shapes, MXU/tensor-core friendly. The same weight construction, evaluated with traced crop boxes,
-is the crop-and-resize of the training augmentation (``msad_jax.data.augment``).
-
-Differences from torchvision/PIL: PIL works in 8-bit fixed point and rounds to uint8 after each of
-its two passes; here everything is float32 and nothing is rounded, so outputs differ by up to one
-grey level (measured in ``tests/data/test_data_transforms.py``). Bicubic only: Pillow picks the
-order of its two passes itself, this code always resamples the width first; the order decides
-which overshoots are clipped in between, so when one axis shrinks and the other grows (e.g.
-300x211 -> 224x224) a few pixels at strong edges can differ by up to ~4 grey levels. Upscaling
-both axes (CIFAR to 224, the ResNet-18 recipe) matches within ~1.1.
-
-Images of any size (:func:`any_size_transform`, what a trained detector scores): first fitted to
-the side of the stored training images as :func:`msad_jax.data.images.fit_square` does it
-(shorter side to the side, bilinear, center crop), but in float32 and not rounded to uint8, then
-the evaluation transform. Its weights are computed from the input's shape inside the traced
-function, so it also runs with symbolic height, width and channel count (``jax.export``).
-"""
+"""Evaluation transforms on device: resize, center crop, normalise (SPEC §6)."""
 
 from __future__ import annotations
 
@@ -50,14 +27,7 @@ def _filter(x: np.ndarray | jax.Array, method: str, xp) -> np.ndarray | jax.Arra
 
 
 def resample_weights(start, length, in_size: int, out_size: int, method: str, xp):
-    """Weights ``[out_size, in_size]`` resizing source pixels [start, start+length) to out_size.
-
-    Pillow's algorithm: output pixel ``o`` has center ``(o + 0.5) * scale`` in crop coordinates
-    (``scale = length / out_size``); the filter is stretched by ``max(scale, 1)``; only source
-    pixels of the window ``[int(center - support + 0.5), int(center + support + 0.5))`` clipped
-    to the crop contribute; weights are normalised to sum to one. ``start``/``length`` may be
-    traced (``xp = jnp``) or Python numbers (``xp = np``).
-    """
+    """Weights ``[out_size, in_size]`` resizing source pixels [start, start+length) to out_size."""
     scale = length / out_size
     fscale = xp.maximum(scale, 1.0)
     support = _SUPPORT[method] * fscale
@@ -90,11 +60,7 @@ def resize_crop_weights(
 
 
 def eval_geometry(height: int, width: int, prep: Preprocessing) -> tuple[int, int, int, int]:
-    """Geometry of torchvision's Resize + CenterCrop: ``(resized_h, resized_w, top, left)``.
-
-    ``Resize(int)`` scales the shorter side to ``prep.resize`` and truncates the longer one to
-    ``int(resize * long / short)``; ``CenterCrop`` starts at ``int(round((resized - crop) / 2))``.
-    """
+    """Geometry of torchvision's Resize + CenterCrop: ``(resized_h, resized_w, top, left)``."""
     if prep.crop is None:
         return prep.resize, prep.resize, 0, 0
     if height <= width:
@@ -116,13 +82,7 @@ def normalize(images01: jax.Array, prep: Preprocessing) -> jax.Array:
 def separable_resample(
     images: jax.Array, wy: jax.Array, wx: jax.Array, *, channels_first: bool = False
 ) -> jax.Array:
-    """Resamples ``[..., H, W, C]`` pixel values (0..255) to ``[..., P, Q, C]``.
-
-    Like Pillow: the width pass (``wx``, ``[Q, W]``) runs first and its result is clipped to
-    [0, 255] (Pillow stores it as uint8), then the height pass (``wy``, ``[P, H]``), clipped again.
-    The clips only matter for bicubic, whose negative lobes overshoot. With ``channels_first`` the
-    result is ``[..., C, P, Q]`` instead.
-    """
+    """Resamples ``[..., H, W, C]`` pixel values (0..255) to ``[..., P, Q, C]``."""
     x = jnp.einsum("qw,...hwc->...chq", wx, images, precision=_PRECISION)
     x = jnp.clip(x, 0.0, 255.0)
     out = "...cpq" if channels_first else "...pqc"
@@ -138,7 +98,7 @@ def eval_transform(images: jax.Array | np.ndarray, prep: Preprocessing) -> jax.A
       prep: the backbone's preprocessing.
 
     Returns:
-      float32 ``[b, S, S, 3]`` with ``S = prep.size``. Jittable (``prep`` is static).
+      float32 ``[b, S, S, 3]`` with ``S = prep.size``.
     """
     images = jnp.asarray(images)
     if images.ndim not in (3, 4) or images.shape[-1] != 3:
@@ -152,11 +112,7 @@ def eval_transform(images: jax.Array | np.ndarray, prep: Preprocessing) -> jax.A
 
 
 def to_rgb(images: jax.Array) -> jax.Array:
-    """``[..., C]`` with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) as ``[..., 3]``.
-
-    Like Pillow's ``convert('RGB')``: a grey channel is repeated, an alpha channel dropped (not
-    composited). Works for a symbolic channel count.
-    """
+    """``[..., C]`` with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) as ``[..., 3]``."""
     channels = images.shape[-1]
     if isinstance(channels, int):
         return images[..., (0, 0, 0)] if channels < 3 else images[..., :3]
@@ -171,14 +127,7 @@ def _round_half_even_half(value: jax.Array) -> jax.Array:
 
 
 def fit_weights(size, other, side: int) -> jax.Array:
-    """float32 ``[side, size]``: one axis of :func:`msad_jax.data.images.fit_square`, bilinear.
-
-    The shorter of the two sides (``size``, ``other``) is resized to ``side`` and the longer to
-    ``int(side * long / short)``, then ``side`` pixels are kept from the center (offset
-    ``round((resized - side) / 2)``). Weights are Pillow's antialiased triangle filter over the
-    whole source axis. ``size`` and ``other`` may be Python ints or symbolic dimensions: the
-    geometry is computed on traced integers, the weight matrix has ``size`` columns.
-    """
+    """float32 ``[side, size]``: one axis of :func:`msad_jax.data.images.fit_square`, bilinear."""
     size_v = jnp.asarray(size, jnp.int32)
     other_v = jnp.asarray(other, jnp.int32)
     resized = jnp.where(size_v <= other_v, side, (side * size_v) // other_v)
@@ -196,11 +145,7 @@ def fit_weights(size, other, side: int) -> jax.Array:
 
 
 def fit_square_float(images: jax.Array, side: int) -> jax.Array:
-    """float32 ``[..., side, side, C]``: :func:`fit_weights` on both axes of ``[..., H, W, C]``.
-
-    Not rounded: the bilinear weights are non-negative and sum to one, so values stay in range.
-    An image already ``side x side`` is returned unchanged (its weights are the identity).
-    """
+    """float32 ``[..., side, side, C]``: :func:`fit_weights` on both axes of ``[..., H, W, C]``."""
     height, width = images.shape[-3], images.shape[-2]
     x = images.astype(jnp.float32)
     if isinstance(height, int) and isinstance(width, int) and height == width == side:
@@ -212,11 +157,7 @@ def fit_square_float(images: jax.Array, side: int) -> jax.Array:
 
 
 def any_size_transform(images: jax.Array, side: int, prep: Preprocessing) -> jax.Array:
-    """uint8 ``[b, H, W, C]`` of any size and channel count -> float32 ``[b, S, S, 3]``.
-
-    :func:`to_rgb`, :func:`fit_square_float` to ``side`` (the stored training images' side),
-    then :func:`eval_transform`. Shapes may be symbolic (``jax.export``); jittable.
-    """
+    """uint8 ``[b, H, W, C]`` of any size and channel count -> float32 ``[b, S, S, 3]``."""
     return eval_transform(fit_square_float(to_rgb(images), side), prep)
 
 
