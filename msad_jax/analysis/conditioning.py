@@ -1,47 +1,10 @@
 """The conditioning argument of MSC as functions to differentiate (SPEC §1, §10).
 
-Pretrained features of one class sit in a narrow cone around their center. The standard NT-Xent
-loss on phi then starts far from the optimum of its *uniformity* term, whose gradient pushes every
-feature away from the center; the *alignment* term (pulling two views of an image together) is
-comparatively weak. MSC computes the same loss on ``theta = normalize(phi - c)``, around which the
-normal features are already spread out, so alignment and uniformity are balanced. This module
-measures that with ``jax.grad``/``jax.jvp``; :mod:`msad_jax.analysis.hessian` adds the curvature.
-
-Conventions used throughout:
-
-* ``feats1``, ``feats2``: ``[B, D]`` backbone outputs of two views of the same ``B`` images (row
-  ``b`` of each is the same image). They may have any norm: every function normalises them to
-  ``phi = feats / ||feats||`` first, exactly as the training step does, so gradients "w.r.t. the
-  features" are gradients w.r.t. the backbone output (the quantity back-propagated into the
-  network). At unit-norm inputs that gradient is the tangential part of the gradient w.r.t. phi.
-* ``loss``: ``'contrastive'`` (NT-Xent on ``z = phi``) or ``'msc'`` (NT-Xent on
-  ``z = theta = normalize(phi - c)`` with the center ``c``, SPEC §4), the names of
-  ``config.loss``. Inside jitted code the choice is a traced number,
-  ``z = normalize(phi - shift * c)`` with ``shift`` 0 or 1 (:func:`loss_shift`), so one
-  compilation serves both losses.
-* ``center``: the center of the normal features as the training step gets it (the mean of phi,
-  norm below 1; unit norm only with the angular term). Compactness always uses its direction.
-* NT-Xent splits exactly into ``align = -(1/2B) sum_i z_i.z_p(i) / tau`` and
-  ``uniform = (1/2B) sum_i log sum_{j != i} exp(z_i.z_j / tau)`` (the split of
-  :func:`msad_jax.losses.align_uniform_terms`).
-* Gradient sizes are global L2 norms over the whole array or pytree; the balance of two gradients
-  is their norms, the ratio ``||grad uniform|| / ||grad align||`` and the cosine between them.
-
-Exact property (tested): ``d theta / d phi = (I - theta theta^T) / ||phi - c||``, so the gradient of
-the MSC loss w.r.t. phi is orthogonal to ``phi - c``: the loss sees only the direction of each
-feature from the center, never its distance. (Once projected onto the unit sphere that phi lives
-on, the gradient can still change the cosine to the center: the radial drift measures that.)
-
-The radial drift: the first-order change of compactness (mean cosine of phi to the center
-direction, over a fixed set of images) caused by ONE optimiser step,
-``d/de compactness(params + e * delta) at e = 0`` with the update direction
-``delta = -lr * (g + wd * p)`` for trainable parameters ``p`` (``g`` = gradient of the batch loss,
-alignment + uniformity) and ``delta = 0`` for frozen ones: exactly the SGD step of
-:func:`msad_jax.optimizer.make_optimizer` (SPEC §5). Negative drift = the step spreads the class
-away from its center (what the standard loss does), computed with one ``jax.jvp``.
-
-The command ``python -m msad_jax.analysis.conditioning --config ... --workdir ...`` trains with both
-losses side by side and records all of this every epoch (:mod:`msad_jax.analysis.study`).
+Pretrained features of one class sit in a narrow cone; NT-Xent on phi is then dominated by its
+uniformity term, while MSC's ``theta = normalize(phi - c)`` balances alignment and uniformity.
+The functions measure it with ``jax.grad``/``jax.jvp``: gradient norms of the two terms, and
+the radial drift, the first-order change of compactness caused by one SGD step of the optimizer.
+Features may have any norm (normalised inside, as the training step does).
 """
 
 from __future__ import annotations
@@ -56,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from msad_jax.losses import LOSSES, align_uniform_terms, l2_normalize, mean_shift
+from msad_jax.losses import LOSSES, align_uniform_terms, l2_normalize
 from msad_jax.optimizer import combine, make_optimizer, partition
 
 PyTree = Any
@@ -142,7 +105,7 @@ def compactness(phi: jax.Array, center: jax.Array) -> jax.Array:
       center: ``[D]`` center (only its direction matters).
 
     Returns:
-      Scalar in [-1, 1]; 1 = every feature on the center's ray. With the features' own mean as
+      Scalar in [-1, 1]; 1 = every feature on the center's ray.
       the center it equals ``||mean phi||``.
     """
     phi = l2_normalize(_float(phi))
@@ -157,10 +120,6 @@ def compactness(phi: jax.Array, center: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("t",))
 def uniformity(u: jax.Array, t: float = 2.0) -> jax.Array:
     """Wang & Isola's uniformity ``log mean_{i != j} exp(-t ||u_i - u_j||^2)``.
-
-    Computed with log-sum-exp over the ``N (N - 1)`` ordered pairs (``N^2`` memory: pass at most a
-    few thousand rows). For unit vectors it lies in ``[-4t, 0]``: 0 = all vectors equal, and
-    about ``-2t`` when they are spread uniformly over a high-dimensional sphere.
 
     Args:
       u: ``[N, D]`` vectors, used as given (pass phi or theta), ``N >= 2``.
@@ -181,28 +140,8 @@ def uniformity(u: jax.Array, t: float = 2.0) -> jax.Array:
     return jax.nn.logsumexp(logits) - math.log(n * (n - 1))
 
 
-def embed(phi: jax.Array, center: jax.Array | None, loss: str) -> jax.Array:
-    """The vectors NT-Xent sees: ``phi`` (contrastive) or ``normalize(phi - c)`` (msc).
-
-    Args:
-      phi: ``[N, D]`` unit-norm features.
-      center: ``[D]`` center (unused for 'contrastive').
-      loss: 'contrastive' or 'msc'.
-
-    Returns:
-      ``[N, D]`` unit vectors.
-    """
-    check_loss(loss, center)
-    if loss == "msc":
-        return mean_shift(phi, jnp.asarray(center, phi.dtype))
-    return phi
-
-
 def loss_shift(loss: str, center: jax.Array | None = None) -> float:
     """The loss as a number: ``z = normalize(phi - shift * c)``, 0 = contrastive, 1 = msc.
-
-    For unit phi, ``normalize(phi - 0 * c) = phi``: both losses are one function of a traced
-    ``shift``, so jitted code compiles once for both (the private ``_*`` functions take it).
 
     Raises:
       ValueError: for an unknown loss, or 'msc' without a center.
@@ -235,9 +174,6 @@ def loss_split(
     temperature: float = 0.25,
 ) -> LossSplit:
     """Alignment and uniformity terms of the standard or the MSC loss of a two-view batch.
-
-    ``split.total`` equals :func:`msad_jax.losses.contrastive_loss` (contrastive) or
-    :func:`msad_jax.losses.mean_shifted_contrastive_loss` (msc) on the same features.
 
     Args:
       feats1: ``[B, D]`` backbone outputs (or phi) of view 1.
@@ -275,9 +211,6 @@ def feature_gradients(
     temperature: float = 0.25,
 ) -> tuple[jax.Array, jax.Array]:
     """Gradients of ``L_align`` and ``L_unif`` w.r.t. the stacked features ``[feats1; feats2]``.
-
-    The features are normalised inside, so the gradients are those w.r.t. the backbone output;
-    each is orthogonal (row by row) to its feature.
 
     Args:
       feats1: ``[B, D]`` view 1.
@@ -339,14 +272,6 @@ def _positive_cosine(feats1, feats2, center, shift) -> jax.Array:
     return jnp.mean(jnp.sum(z1 * z2, axis=-1))
 
 
-def positive_cosine(
-    feats1: jax.Array, feats2: jax.Array, center: jax.Array | None, loss: str
-) -> jax.Array:
-    """Mean cosine between the two views of each image, in the space the loss sees (z)."""
-    _check_views(feats1, feats2)
-    return _positive_cosine(feats1, feats2, center, loss_shift(loss, center))
-
-
 # ------------------------------------------------------------------------------------------------
 # Parameter space.
 
@@ -368,11 +293,6 @@ def parameter_gradients(
     frozen: Sequence[str] = (),
 ) -> ParameterGradients:
     """Gradients of ``L_align`` and ``L_unif`` w.r.t. the trainable parameters.
-
-    One forward pass of both views (BatchNorm in inference mode, as in training), then the two
-    feature gradients are pulled back with one shared VJP. Frozen parameters are not
-    differentiated (no backward pass through frozen stages) and get zero gradients. The sum of
-    the two gradients is the gradient the training step of the same loss uses.
 
     Args:
       model: Flax backbone.
@@ -448,11 +368,7 @@ def update_direction(
     weight_decay: float,
     frozen: Sequence[str] = (),
 ) -> PyTree:
-    """One SGD step's parameter change ``-lr * (g + wd * p)``; zero for frozen parameters.
-
-    The update of :func:`msad_jax.optimizer.make_optimizer` itself (SPEC §5), so
-    ``params + update_direction(...)`` is the next step's parameters.
-    """
+    """One SGD step's parameter change ``-lr * (g + wd * p)``; zero for frozen parameters."""
     tx = make_optimizer(
         params, learning_rate=learning_rate, weight_decay=weight_decay, frozen=tuple(frozen)
     )
@@ -468,9 +384,6 @@ def radial_drift(
     direction: PyTree,
 ) -> tuple[jax.Array, jax.Array]:
     """Compactness of ``images`` and its directional derivative along ``direction`` (jax.jvp).
-
-    With ``direction`` from :func:`update_direction` the derivative is the first-order change of
-    compactness caused by one optimiser step (negative = the class spreads away from its center).
 
     Args:
       model: Flax backbone.

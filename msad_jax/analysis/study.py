@@ -1,35 +1,4 @@
-"""The conditioning study: standard contrastive loss and MSC side by side from one pretrained start.
-
-:func:`run_study` (what ``python -m msad_jax.analysis.conditioning`` runs) does, for one normal
-class:
-
-1. load the data (optionally seeded subsets: ``config.train_images``, ``config.test_images``),
-   the backbone with its pretrained weights, and evaluate it: kNN ROC-AUC at epoch 0 and the
-   center ``c`` (mean of phi over the normal training images, fixed from then on);
-2. build a fixed *probe*: ``probe_size`` normal training images, two augmented views of each drawn
-   once with fixed keys, and their evaluation-transform versions;
-3. for each loss of ``study_losses`` (same initial parameters, same PRNG key, hence the same data
-   order and the same augmented views at every step), train epoch by epoch with the library's
-   training step (:func:`msad_jax.train_step.make_train_step`, SGD of SPEC §5), and at epoch 0 and
-   after every epoch record (:func:`measure`):
-
-   * kNN ROC-AUC and AP on the test set (gallery = phi of the training images);
-   * ``compactness``: mean cos(phi, c_hat) over the training images (c_hat = the pretrained
-     center's direction), and ``center_norm`` = ||mean phi|| (= compactness around the current
-     features' own center);
-   * ``uniformity_phi`` and ``uniformity_theta`` (theta = normalize(phi - c)) over the gallery;
-   * on the probe batch, for the run's own loss: the loss split, the cosine between the two views
-     (in phi and in the loss's space), the norms, ratio and cosine of the alignment and
-     uniformity gradients w.r.t. the features and w.r.t. the parameters;
-   * the radial drift: d compactness(probe images) along this loss's SGD update direction at the
-     probe batch (first-order change per step; ``radial_drift_epoch`` multiplies by the number of
-     steps of an epoch: a linear extrapolation, not a measurement);
-   * the spectrum of the tangent feature Hessian of the first ``hessian_size`` probe images
-     (:mod:`msad_jax.analysis.hessian`).
-
-4. write ``conditioning.json`` (after every epoch, so a stopped study keeps its curves),
-   ``conditioning.md`` and ``conditioning.png`` into the workdir.
-"""
+"""The conditioning study: contrastive loss and MSC side by side from one pretrained start."""
 
 from __future__ import annotations
 
@@ -143,14 +112,7 @@ def make_probe_fn(
     weight_decay: float,
     frozen: tuple[str, ...],
 ) -> Callable[..., dict[str, jax.Array]]:
-    """Jitted ``(variables, views1, views2, eval_images, center, shift) -> measurements``.
-
-    ``shift`` is :func:`msad_jax.analysis.conditioning.loss_shift` of the loss (0 contrastive,
-    1 msc; traced, so one compilation serves both losses). Returns scalars (loss split, view
-    cosines, gradient balances w.r.t. features and parameters, probe compactness and radial
-    drift along that loss's SGD step) and ``features`` ``[2P, D]`` (for the Hessian). Cached: the
-    same arguments (all hashable; ``frozen`` a tuple) give the same compiled function.
-    """
+    """Jitted ``(variables, views1, views2, eval_images, center, shift) -> measurements``."""
 
     @jax.jit
     def fn(variables, views1, views2, eval_images, center, shift):

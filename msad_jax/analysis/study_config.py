@@ -1,25 +1,4 @@
-"""Configuration of the conditioning study: the run schema plus a few study keys.
-
-:func:`study_config` is :func:`msad_jax.config.default_config` with the keys below added;
-:func:`validate_study_config` checks the study keys and validates the rest exactly like a training
-run's configuration. Study keys (defaults in :data:`STUDY_DEFAULTS`):
-
-``study_losses``        comma-separated losses trained side by side ('contrastive,msc').
-``probe_size``          images in the fixed probe batch (two fixed augmented views each) on which
-                        the loss split, gradient norms and the radial drift are measured.
-``hessian_size``        the first images of the probe batch used for the feature Hessian (B).
-``hessian_top``         number of top Hessian eigenvalues recorded.
-``uniformity_samples``  at most this many gallery rows (a fixed random subset) for uniformity.
-
-Keys of the run schema that the study uses: the data keys (including the seeded subsets
-``train_images`` and ``test_images``: the training subset is the training set, the kNN gallery
-and the set compactness and uniformity are measured on), the model and preprocessing keys,
-``frozen``, ``temperature``, ``learning_rate``, ``weight_decay``, ``batch_size``, ``epochs``,
-``max_steps`` (a cap on the steps of each loss), ``seed``, ``knn_k``, ``eval_batch_size``,
-``knn_memory_budget_mb``, ``progress`` and ``plots``. ``loss`` is ignored (``study_losses``
-decides), ``angular`` must be False, ``normal_class`` must be a single class; checkpoint,
-logging and threshold keys are unused (a study is not resumable: rerun it).
-"""
+"""Configuration of the conditioning study: the run schema plus a few study keys."""
 
 from __future__ import annotations
 
