@@ -1,8 +1,4 @@
-"""Plots of a run: ROC curve, score histograms, and loss / ROC-AUC per epoch (PNG files).
-
-Figures are built with :class:`matplotlib.figure.Figure` directly, not pyplot, so writing them
-neither needs a display nor changes the plotting backend of a notebook that imports this module.
-"""
+"""Plots of a run: ROC curve, score histograms, and loss / ROC-AUC per epoch (PNG files)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,4 @@
-"""Reports in Markdown and CSV: one class's run, and per-class tables with the published means.
-
-A class's report (:func:`class_markdown`) is its evaluation history and threshold. The per-class
-tables (:func:`write_report`) show the published means of SPEC section 9 beside ours.
-
-Inputs are per-class results whose metrics are fractions in ``[0, 1]`` (what :mod:`msad_jax.metrics`
-returns); tables show them as percentages. Only the published *means* are listed (no per-class
-published numbers). Entries that SPEC section 9 calls approximate (everything from secondary
-tables: DN2, CatsVsDogs and Fashion-MNIST) are marked with ``~`` in Markdown and
-``approximate=true`` in CSV.
-"""
+"""Reports in Markdown and CSV: one class's run, and per-class tables with the published means."""
 
 from __future__ import annotations
 
@@ -124,8 +114,8 @@ class ClassResult:
       index: class index in the dataset.
       name: class name.
       auroc: final ROC-AUC, a fraction in ``[0, 1]``.
-      metrics: other metrics by name (fractions in ``[0, 1]``), e.g.
-        ``{"average_precision": 0.9, "fpr_at_95_tpr": 0.2}``.
+      metrics: other metrics by name (fractions in ``[0, 1]``), e.g. ``{"average_precision": 0.9,
+        "fpr_at_95_tpr": 0.2}``.
       epoch_auroc: optional ROC-AUC after each epoch (index 0 = before training).
     """
 
@@ -139,10 +129,7 @@ class ClassResult:
 def published_results(
     dataset: str, methods: Sequence[str] | None = DEFAULT_METHODS
 ) -> tuple[PublishedResult, ...]:
-    """Published means for ``dataset`` (in the order of ``methods``; all methods if None).
-
-    Datasets without published numbers (your own folders, synthetic data) give no entries.
-    """
+    """Published means for ``dataset`` (in the order of ``methods``; all methods if None)."""
     entries = PUBLISHED.get(dataset, ())
     if methods is None:
         return entries
@@ -297,10 +284,6 @@ def csv_report(
     methods: Sequence[str] | None = DEFAULT_METHODS,
 ) -> str:
     """CSV report: one row per class, a mean row, then one row per published mean.
-
-    Columns: ``kind`` (class / mean / published), ``dataset``, ``index``, ``name``, ``method``,
-    ``backbone``, ``auroc_pct``, one ``<metric>_pct`` column per metric, ``auroc_epoch_<e>_pct`` per
-    epoch, ``approximate`` and ``note``. Percentages are written with full precision.
 
     Raises:
       ValueError: for an empty dataset name or inconsistent/out-of-range results.

@@ -1,26 +1,4 @@
-"""What a finished run leaves for inference: ``run.json`` and ``detector.npz``.
-
-Training (:mod:`msad_jax.train`) writes these files and inference (:mod:`msad_jax.detector`,
-:mod:`msad_jax.score`, :mod:`msad_jax.export`) reads them; this small module is all the two sides
-share, so scoring imports no training code (and neither orbax nor matplotlib).
-
-``detector.npz`` (NumPy ``.npz``, read with ``allow_pickle=False``) holds:
-
-- ``gallery``: phi of the normal training images ``[N, D]`` (the kNN gallery);
-- ``variables/<collection>/<module>/.../<name>``: the model's inference variables (parameters and
-  BatchNorm statistics) of the checkpoint the file was built from; files written before they were
-  stored here hold none, and the detector then reads that checkpoint;
-- ``checkpoint_step``: that checkpoint's step; ``knn_k``; ``image_side`` (side of the stored
-  training images);
-- the threshold: ``calibration_scores`` (scores of normal images the model did not score itself
-  against: leave-one-out scores of the gallery, or the scores of held-out normal training images),
-  ``calibration`` (``'leave_one_out'`` or ``'holdout'``), ``target_fpr`` and ``threshold``
-  (:func:`msad_jax.calibration.threshold_at_fpr` of the calibration scores); ``train_scores``
-  (leave-one-out scores of the gallery); files of older versions hold only ``train_scores`` and a
-  ``threshold`` that was a quantile of them;
-- ``test_scores``, ``test_labels``: the run's final test scores, for checks;
-- ``sha256``: :func:`detector_arrays_digest` of all the other arrays.
-"""
+"""What a finished run leaves for inference: ``run.json`` and ``detector.npz``."""
 
 from __future__ import annotations
 
@@ -108,8 +86,8 @@ def read_detector_file(path: str) -> dict[str, np.ndarray]:
     """The arrays of a ``detector.npz``, verified against the digest stored in it.
 
     Raises:
-      CheckpointError: the file cannot be read, does not match its digest, lacks a required
-        array, or its gallery, threshold, calibration scores or variables are not finite.
+      CheckpointError: the file cannot be read, does not match its digest, lacks a required array,
+        or its gallery, threshold, calibration scores or variables are not finite.
     """
     remedy = "run the training again in the same workdir to rewrite it"
     try:

@@ -1,12 +1,4 @@
-"""What a finished run leaves in its workdir: the threshold, the reports and the detector file.
-
-Per class (:func:`write_class_outputs`): ``detector.npz`` (:mod:`msad_jax.run_files`),
-``report.json``, ``report.md`` and, with ``config.plots``, ``roc.png``, ``scores.png`` and
-``training.png``; for ``normal_class='all'`` (:func:`write_dataset_outputs`) the per-class table
-beside the published numbers in ``report.{md,csv,json}``. The threshold is set from normal images
-only (:mod:`msad_jax.calibration`): the scores of held-out normal training images when there are
-any, else the leave-one-out scores of the gallery. Only process 0 calls the writers.
-"""
+"""What a finished run leaves in its workdir: the threshold, the reports and the detector file."""
 
 from __future__ import annotations
 
@@ -112,11 +104,7 @@ def write_class_outputs(
     threshold: Threshold,
     variables: PyTree,
 ) -> None:
-    """Writes the detector file, the reports and the plots of a finished class.
-
-    ``variables`` are the host inference variables of checkpoint ``report['checkpoint_step']``,
-    which is on disk before the detector file names it.
-    """
+    """Writes the detector file, the reports and the plots of a finished class."""
     write_detector_file(
         os.path.join(workdir, DETECTOR_FILE),
         {

@@ -1,10 +1,4 @@
-"""What a run's configuration means: its classes, data, backbone, preprocessing and identity.
-
-Everything here reads a validated configuration (:mod:`msad_jax.config`) and builds what training
-(:mod:`msad_jax.train`) and the conditioning study (:mod:`msad_jax.analysis.study`) start from.
-:func:`run_identity` is what a workdir's result depends on: a run started again in the same
-workdir must agree with the first on all of it (:func:`check_identity`).
-"""
+"""What a run's configuration means: its classes, data, backbone, preprocessing and identity."""
 
 from __future__ import annotations
 
@@ -108,11 +102,7 @@ def load_data(config: ml_collections.ConfigDict, normal_class: int) -> OneClassD
 def split_holdout(
     config: ml_collections.ConfigDict, data: OneClassData
 ) -> tuple[OneClassData, np.ndarray]:
-    """``(data without the held-out images, held-out images)`` for ``config.calibration_holdout``.
-
-    A seeded fraction of the normal training images is kept out of training and of the gallery,
-    to calibrate the threshold on (none when the fraction is 0).
-    """
+    """``(data without the held-out images, held-out images)`` for ``calibration_holdout``."""
     if not config.calibration_holdout:
         return data, data.train_images[:0]
     keep, held = calibration.holdout_split(
@@ -193,12 +183,7 @@ def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What makes a workdir's result what it is; a resumed run must agree on all of it.
-
-    The :data:`RESUME_KEYS`, ``image_size``, and what decides the data source's images (its
-    :attr:`~msad_jax.data.registry.DatasetSpec.identity`: e.g. the synthetic sizes, a TFDS
-    ``data_dir``, a folder's absolute path and the fingerprint of its files).
-    """
+    """What makes a workdir's result what it is; a resumed run must agree on all of it."""
     identity = {key: config[key] for key in RESUME_KEYS}
     identity["image_size"] = config.image_size
     identity.update(dataset_spec(config.dataset).identity(data_options(config)))
@@ -206,10 +191,7 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def saved_identity(record: dict[str, Any]) -> dict[str, Any]:
-    """The identity stored in a checkpoint's progress or in run.json (earlier runs: their config).
-
-    Runs of versions without ``calibration_holdout`` held out no training images.
-    """
+    """The identity stored in a checkpoint's progress or run.json (earlier runs: their config)."""
     if "identity" in record:
         identity = dict(record["identity"])
     else:

@@ -1,11 +1,4 @@
-"""What a run keeps in its workdir to resume: the checkpointed state and ``run.json``.
-
-The checkpointed pytree (:func:`host_state`) is device 0's copy of the replicated
-:class:`~msad_jax.train_step.TrainState` plus the center; :func:`restore_newest_intact` finds the
-newest checkpoint of this run, moving damaged ones aside. ``run.json`` records the configuration
-and the run's identity (:func:`msad_jax.run_setup.run_identity`) before anything else is written,
-so that a different run in the same workdir is refused first (:func:`check_run_info`).
-"""
+"""What a run keeps in its workdir to resume: the checkpointed state and ``run.json``."""
 
 from __future__ import annotations
 
@@ -98,10 +91,6 @@ def restore_newest_intact(
     checkpoints: RunCheckpoints, template: dict[str, PyTree], identity: dict[str, Any], workdir: str
 ) -> tuple[dict[str, PyTree], dict[str, Any]] | None:
     """The newest intact checkpoint of this run, moving damaged ones aside; None if none is left.
-
-    Each checkpoint's record is compared with ``identity`` first (a different run is refused, not
-    moved). A damaged one is reported in one log line and moved to ``<workdir>/damaged_checkpoints``
-    (by process 0; every process then sees the same checkpoints).
 
     Raises:
       CheckpointError: a checkpoint of a different run or model.
