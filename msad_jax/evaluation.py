@@ -131,9 +131,6 @@ def evaluate(
       center: also return the gallery's center.
       normalize_center: re-normalise that center (the angular term is on).
 
-    Returns:
-      The :class:`Evaluation`.
-
     Raises:
       NonFiniteFeaturesError: the model's features are not finite (no scores are computed).
     """

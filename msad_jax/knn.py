@@ -104,9 +104,6 @@ def plan_scoring(
       chunk_size: if given, the query chunk size (the budget then only sizes the gallery tiles).
       grouped: allow the two-stage selection (False: always a plain top-k).
 
-    Returns:
-      The :class:`ScoringPlan`.
-
     Raises:
       ValueError: for non-positive sizes or a budget too small for the smallest plan.
     """

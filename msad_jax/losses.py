@@ -99,9 +99,6 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     Args:
       values: ``[N]`` float.
       mask: ``[N]`` bool.
-
-    Returns:
-      Scalar.
     """
     zero = jnp.zeros_like(values)
     count = jnp.maximum(jnp.sum(mask.astype(values.dtype)), 1)
@@ -179,9 +176,6 @@ def mean_shifted_contrastive_loss(
         used).
       temperature: ``tau``.
       mask: optional ``[B]`` bool, False for padding.
-
-    Returns:
-      Scalar loss.
     """
     return _nt_xent(mean_shift(phi1, center), mean_shift(phi2, center), temperature, mask)
 
@@ -199,9 +193,6 @@ def angular_center_loss(
       phi2: ``[B, D]`` features of the second view.
       center: ``[D]`` unit-norm center.
       mask: optional ``[B]`` bool, False for padding.
-
-    Returns:
-      Scalar loss.
     """
     if phi1.shape != phi2.shape or phi1.ndim != 2:
         raise ValueError(

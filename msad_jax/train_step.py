@@ -56,9 +56,6 @@ def create_train_state(
       tx: the optimizer, e.g. from :func:`msad_jax.optimizer.make_optimizer`.
       rng: PRNG key for augmentations.
 
-    Returns:
-      A :class:`TrainState` at step 0.
-
     Raises:
       ValueError: if ``variables`` has no ``'params'`` entry.
     """

@@ -124,9 +124,6 @@ def uniformity(u: jax.Array, t: float = 2.0) -> jax.Array:
     Args:
       u: ``[N, D]`` vectors, used as given (pass phi or theta), ``N >= 2``.
       t: the scale (2 in the paper).
-
-    Returns:
-      Scalar.
     """
     u = _float(u)
     if u.ndim != 2 or u.shape[0] < 2:
@@ -181,9 +178,6 @@ def loss_split(
       center: ``[D]`` center (needed for 'msc').
       loss: 'contrastive' or 'msc'.
       temperature: ``tau``.
-
-    Returns:
-      The :class:`LossSplit`.
     """
     _check_views(feats1, feats2)
     shift = loss_shift(loss, center)
@@ -234,9 +228,6 @@ def gradient_balance(grad_align: PyTree, grad_uniform: PyTree) -> GradientBalanc
     Args:
       grad_align: gradient of the alignment term.
       grad_uniform: gradient of the uniformity term.
-
-    Returns:
-      The :class:`GradientBalance`.
     """
     align_norm = optax.tree.norm(grad_align)
     uniform_norm = optax.tree.norm(grad_uniform)
@@ -303,9 +294,6 @@ def parameter_gradients(
       loss: 'contrastive' or 'msc'.
       temperature: ``tau``.
       frozen: regexes of frozen parameters (as in :func:`msad_jax.optimizer.make_optimizer`).
-
-    Returns:
-      The :class:`ParameterGradients`.
     """
     shift = loss_shift(loss, center)
     if views1.shape != views2.shape:

@@ -210,9 +210,6 @@ def hessian_spectrum(
       temperature: ``tau``.
       null_rtol: relative threshold below which an eigenvalue counts as null.
       seed: seed of the random direction in ``S^perp`` (the result does not depend on it).
-
-    Returns:
-      The :class:`HessianSpectrum`.
     """
     shift = loss_shift(loss, center)
     rows = _unit_rows(feats1, feats2)

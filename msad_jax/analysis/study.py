@@ -83,9 +83,6 @@ def make_probe(images: np.ndarray, prep: transforms.Preprocessing, size: int, se
       prep: the preprocessing (augmentation output size and normalisation).
       size: number of probe images (at most ``N``).
       seed: seed of the choice of images and of the augmentations.
-
-    Returns:
-      The :class:`Probe`.
     """
     if size > len(images):
         raise ValueError(

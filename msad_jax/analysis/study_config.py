@@ -54,9 +54,6 @@ def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def validate_study_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a study configuration (start config files from :func:`study_config`).
 
-    Returns:
-      The same configuration.
-
     Raises:
       ConfigError: naming the first problem and how to fix it.
     """

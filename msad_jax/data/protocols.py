@@ -160,9 +160,6 @@ def one_class_from_labelled(
       normal_class: index or name of the normal class.
       name: dataset name for reports.
       image_size: resize to this square side (``msad_jax.data.images.fit_square``).
-
-    Returns:
-      The :class:`OneClassData`.
     """
     index = class_index(normal_class, names)
     train_labels = np.asarray(train_labels).reshape(-1)
