@@ -1,4 +1,10 @@
-"""Decision thresholds from normal images only, at a target false-positive rate."""
+"""Decision thresholds from normal images only, at a target false-positive rate.
+
+From ``n`` calibration scores of normal images scored the way new ones will be, the threshold is
+the ``ceil((n + 1)(1 - alpha))``-th smallest: by exchangeability a new normal image exceeds it with
+probability in ``(alpha - 1/(n + 1), alpha]``; this needs ``n >= 1/alpha - 1`` (99 for 1%). Only
+NumPy: shared by training and inference.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""Orbax checkpoints of a fine-tuning run: the training state plus where the run stood."""
+"""Orbax checkpoints of a fine-tuning run: the training state plus where the run stood.
+
+``<workdir>/checkpoints/<step>/`` holds ``state`` (parameters, BatchNorm statistics, optimizer
+state, step, PRNG key and the center, which a resumed run must reuse) and ``progress`` (JSON:
+position, history, configuration and the sha256 digest of ``state``). Saving is asynchronous and
+atomic. A checkpoint that cannot be read, fails its digest or holds NaN/inf is damaged
+(:class:`DamagedCheckpointError`) and can be moved aside, never deleted.
+"""
 
 from __future__ import annotations
 

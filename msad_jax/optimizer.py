@@ -1,4 +1,9 @@
-"""SGD with coupled weight decay on the trainable parameters only (SPEC §5), and the split."""
+"""SGD with coupled weight decay on the trainable parameters only (SPEC §5), and the split.
+
+``p <- p - lr * (g + wd * p)`` (PyTorch SGD with ``weight_decay``, no momentum). Frozen parameters
+(regexes ``re.search``-ed against '/'-joined paths such as ``'layer1/0/conv1/kernel'``) get no
+update and no decay.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""What a finished run leaves for inference: ``run.json`` and ``detector.npz``."""
+"""What a finished run leaves for inference: ``run.json`` and ``detector.npz``.
+
+The only module training and inference share, so scoring imports no training code.
+``detector.npz`` (read with ``allow_pickle=False``) holds ``gallery`` (phi of the normal training
+images), ``variables/...`` (inference variables; older files have none and name a checkpoint),
+``checkpoint_step``, ``knn_k``, ``image_side``, the threshold (``calibration_scores``,
+``calibration``, ``target_fpr``, ``threshold``; older files: ``train_scores`` and a quantile
+threshold), ``test_scores``/``test_labels``, and ``sha256`` of all the other arrays.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""A run's workdir: checking its path, and the lock that keeps a second run out of it."""
+"""A run's workdir: checking its path, and the lock that keeps a second run out of it.
+
+``<workdir>/run.lock`` names its holder (host, pid, process start time) and is created with
+``O_EXCL``. A lock whose process is gone on this host (or whose pid was reused) is stale and taken
+over; a live holder, or one on another host, is refused with one line naming it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Curvature of the contrastive losses w.r.t. the features of a small batch (SPEC §10)."""
+"""Curvature of the contrastive losses w.r.t. the features of a small batch (SPEC §10).
+
+The loss is invariant to each feature's norm, so the Hessian is restricted to the tangent space
+of the product of spheres (the raw Hessian mixes radial directions with the gradient).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""The conditioning study: contrastive loss and MSC side by side from one pretrained start."""
+"""The conditioning study: contrastive loss and MSC side by side from one pretrained start.
+
+For one normal class, each loss starts from the same weights, key and data order; at epoch 0 and
+after every epoch it records kNN ROC-AUC and AP, compactness around the pretrained center,
+uniformity of phi and theta, and on a fixed probe batch: the loss split, the gradient balance
+(w.r.t. features and parameters), the radial drift of one SGD step and the tangent Hessian
+spectrum. ``conditioning.json`` is rewritten after every epoch; ``.md`` and ``.png`` at the end.
+"""
 
 from __future__ import annotations
 
@@ -182,7 +189,7 @@ def measure(
     hessian_size: int,
     hessian_top: int,
 ) -> dict[str, Any]:
-    """Probe measurements of one model for one loss (see the module docstring)."""
+    """Probe measurements of one model for one loss (what the module docstring lists)."""
     out = jax.device_get(
         probe_fn(
             variables,

@@ -1,4 +1,21 @@
-"""Your own images: a directory or a .zip file (read without extracting) in one of two layouts."""
+"""Your own images: a directory or a .zip file (read without extracting) in one of two layouts.
+
+Split layout (a zip whose files sit in one top folder is entered automatically)::
+
+    ROOT/train/<class>/**/<image>      normal training images, one folder per class
+    ROOT/test/<class>/**/<image>       label 0 if <class> is the normal class, else 1
+
+Any train class can be the normal class; test folders that are not train classes (defect types)
+are always anomalies (e.g. ``train/good/``, ``test/good/``, ``test/<defect>/``).
+
+Category layout (MVTec AD)::
+
+    ROOT/<category>/train/good/<image>
+    ROOT/<category>/test/<good|defect>/<image>     (other folders are ignored)
+
+Each category is one problem; ``good`` is normal. Names sort naturally (``class2 < class10``);
+non-image, hidden and ``__MACOSX`` files are ignored; an undecodable image raises, naming it.
+"""
 
 from __future__ import annotations
 

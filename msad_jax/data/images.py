@@ -1,4 +1,11 @@
-"""Host-side image decoding and size normalisation with Pillow."""
+"""Host-side image decoding and size normalisation with Pillow.
+
+Every source ends in uint8 RGB of one size: other modes are converted (alpha dropped, as
+torchvision's loader does); :func:`fit_square` scales the shorter side (bilinear, antialiased) and
+center-crops. Without ``image_size``, images are resized to 256 only when larger or of mixed
+sizes (32x32 CIFAR files stay as they are). Files are resized while decoding, JPEGs at a reduced
+DCT scale first, so huge images are never held at full size.
+"""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ def _load_tfds(name: str, normal_class: int | str, options: DataOptions) -> OneC
 
 
 def _load_cats_vs_dogs(normal_class: int | str, options: DataOptions) -> OneClassData:
-    """CatsVsDogs: the fixed seeded split of its single TFDS split (see the module docstring)."""
+    """CatsVsDogs: the fixed seeded split of its single TFDS split (``cats_vs_dogs_split``)."""
     spec = tfds_sources.SPECS["cats_vs_dogs"]
     index = class_index(normal_class, list(spec.class_names))  # before any reading
     source, read = _read_split(spec, "train", options)

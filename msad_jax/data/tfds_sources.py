@@ -1,4 +1,9 @@
-"""TFDS datasets read with random access (``array_record``), no TensorFlow needed to read."""
+"""TFDS datasets read with random access (``array_record``), no TensorFlow needed to read.
+
+Reading uses ``builder.as_data_source``. Preparing a dataset the first time needs TensorFlow
+(``pip install 'msad_jax[tf]'``), or the source files in the manual directory (default
+``<data_dir>/downloads/manual``) on a machine without internet.
+"""
 
 from __future__ import annotations
 

@@ -238,7 +238,7 @@ class Blocks(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """A ViT / DINOv2 backbone returning the final normed CLS token (see the module docstring).
+    """A pre-norm ViT / DINOv2 backbone returning the final normed CLS token.
 
     Attributes:
       patch_size: side of the square patches.

@@ -1,4 +1,9 @@
-"""Strict conversion of ViT / DINOv2 weights (timm, Hugging Face, original DINOv2) to Flax."""
+"""Strict conversion of ViT / DINOv2 weights (timm, Hugging Face, original DINOv2) to Flax.
+
+Layouts: ``'timm'`` (timm's keys, optional ``head``), ``'dinov2'`` (the original checkpoints:
+``register_tokens``, unused ``mask_token``), ``'hf_dinov2'`` and ``'hf_vit'`` (Hugging Face;
+separate query/key/value projections are fused into ``qkv``).
+"""
 
 from __future__ import annotations
 
