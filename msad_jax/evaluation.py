@@ -1,4 +1,9 @@
-"""Evaluation of a model on a one-class problem: features, kNN scores and metrics (SPEC §7)."""
+"""Evaluation of a model on a one-class problem: features, kNN scores and metrics (SPEC §7).
+
+The gallery is phi of all normal training images; a test score is the sum of squared distances to
+the ``k`` nearest gallery rows. With several processes every process gets all features and
+computes the same scores.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Where a run's numbers go: a JSON-lines file, TensorBoard (when installed) and the log."""
+"""Where a run's numbers go: a JSON-lines file, TensorBoard (when installed) and the log.
+
+``<workdir>/metrics.jsonl`` gets one JSON object per record. A resumed run first drops the records
+after the checkpoint it resumes from, so every step is recorded once however often it is killed.
+TensorBoard files (``<workdir>/tensorboard``, when ``tensorboardX`` is installed) are purged alike.
+"""
 
 from __future__ import annotations
 

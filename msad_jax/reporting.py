@@ -1,4 +1,8 @@
-"""Reports in Markdown and CSV: one class's run, and per-class tables with the published means."""
+"""Reports in Markdown and CSV: one class's run, and per-class tables with the published means.
+
+Metrics are fractions in ``[0, 1]``, shown as percentages. Published values that SPEC section 9
+calls approximate (DN2, CatsVsDogs, Fashion-MNIST) are marked ``~`` (CSV: ``approximate=true``).
+"""
 
 from __future__ import annotations
 

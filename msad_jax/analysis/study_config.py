@@ -1,4 +1,12 @@
-"""Configuration of the conditioning study: the run schema plus a few study keys."""
+"""Configuration of the conditioning study: the run schema plus a few study keys.
+
+Study keys (defaults in :data:`STUDY_DEFAULTS`): ``study_losses`` (comma-separated losses trained
+side by side), ``probe_size`` (images of the fixed probe batch), ``hessian_size`` (its first
+images used for the feature Hessian), ``hessian_top`` (top eigenvalues recorded) and
+``uniformity_samples`` (gallery rows for uniformity). Of the run keys, ``loss`` is ignored,
+``angular`` must be False and ``normal_class`` a single class; checkpoint and threshold keys are
+unused (a study is not resumable: rerun it).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Deterministic subsets of a one-class problem, for quick experiments on small machines."""
+"""Deterministic subsets of a one-class problem, for quick experiments on small machines.
+
+Subsets change the protocol (SPEC §8 uses every image): results are not comparable with published
+numbers; reports record the counts used.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Strict conversion between torch state dicts and Flax variables."""
+"""Strict conversion between torch state dicts and Flax variables.
+
+Flax paths mirror torch keys: ``kernel`` <-> ``weight`` (HWIO <-> OIHW, or transposed for dense
+layers), BatchNorm ``scale``/``mean``/``var`` <-> ``weight``/``running_mean``/``running_var``.
+Strict: every missing, unexpected or mis-shaped key is reported at once (``num_batches_tracked``
+is ignored).
+"""
 
 from __future__ import annotations
 

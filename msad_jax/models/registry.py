@@ -1,4 +1,10 @@
-"""Backbones by name: how to build each one, its preprocessing, frozen layers and weights."""
+"""Backbones by name: how to build each one, its preprocessing, frozen layers and weights.
+
+Defaults not fixed by the paper follow the family: ResNet-18/34 resize to 224 bicubic with nothing
+frozen; ResNet-50/101/152 resize 256, crop 224, freeze ``conv1``/``bn1``/``layer1``/``layer2``.
+ViTs and DINOv2 freeze the patch embedding, tokens, position embeddings and the first half of the
+blocks, use their weights' own evaluation transform and suggest a learning rate of 1e-4.
+"""
 
 from __future__ import annotations
 
