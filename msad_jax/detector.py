@@ -167,15 +167,14 @@ class Detector:
         """Loads the detector of a finished run in ``workdir``.
 
         Args:
-          workdir: the run's folder (one class: ``<workdir>/class_<i>_<name>`` of an ``'all'``
-            run).
+          workdir: the run's folder (one class: ``<workdir>/class_<i>_<name>`` of an ``'all'`` run).
           fpr: a target false-positive rate for the threshold instead of the run's
             (:meth:`with_fpr`).
 
         Raises:
           MissingInputError: ``workdir`` holds no finished run (or holds per-class subfolders).
-          CheckpointError: ``detector.npz`` (or for files of earlier versions, the checkpoint it
-            was built from) is damaged or missing.
+          CheckpointError: ``detector.npz`` (or for files of earlier versions, the checkpoint it was
+            built from) is damaged or missing.
           CalibrationError: ``fpr`` is outside (0, 1) or needs more calibration scores.
         """
         workdir = os.fspath(workdir)

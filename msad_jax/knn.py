@@ -392,8 +392,8 @@ def knn_scores(
       queries: ``[Q, D]`` query features (phi of the test images).
       k: number of neighbours (2 in MSC).
       gallery_mask: optional ``[G]`` bool; False rows (e.g. padding) are never selected.
-      memory_budget_bytes: bound on the distance block, default
-        :data:`DEFAULT_MEMORY_BUDGET_BYTES` (see :func:`plan_scoring`).
+      memory_budget_bytes: bound on the distance block, default :data:`DEFAULT_MEMORY_BUDGET_BYTES`
+        (see :func:`plan_scoring`).
       chunk_size: query chunk size; by default derived from the budget.
 
     Returns:

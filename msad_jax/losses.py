@@ -172,8 +172,7 @@ def mean_shifted_contrastive_loss(
     Args:
       phi1: ``[B, D]`` unit-norm features of the first view.
       phi2: ``[B, D]`` unit-norm features of the second view.
-      center: ``[D]`` center of the normal features (unit-norm only when the angular term is
-        used).
+      center: ``[D]`` center of the normal features (unit-norm only when the angular term is used).
       temperature: ``tau``.
       mask: optional ``[B]`` bool, False for padding.
     """

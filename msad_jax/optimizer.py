@@ -49,8 +49,8 @@ def trainable_mask(params: PyTree, frozen: Sequence[str] = ()) -> PyTree:
     """A pytree of bools like ``params``: False where a ``frozen`` regex matches the path.
 
     Raises:
-      ValueError: a pattern is not a valid regex or matches no parameter (likely a typo; the
-        message lists the valid top-level names).
+      ValueError: a pattern is not a valid regex or matches no parameter (likely a typo; the message
+        lists the valid top-level names).
     """
     patterns = _compile_patterns(frozen)
     paths = jax.tree_util.tree_leaves(param_paths(params))

@@ -14,8 +14,8 @@ class Preprocessing:
     """How a backbone wants its input images.
 
     Attributes:
-      resize: shorter side after resizing when ``crop`` is set; both sides (square) when ``crop``
-        is None.
+      resize: shorter side after resizing when ``crop`` is set; both sides (square) when ``crop`` is
+        None.
       crop: side of the center crop, or None for no crop.
       method: 'bilinear' or 'bicubic' (Pillow semantics, antialiased when shrinking).
       mean: per-channel mean in [0, 1] units, subtracted after scaling to [0, 1].

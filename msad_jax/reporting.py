@@ -317,8 +317,8 @@ def write_report(
       dataset: dataset key.
       results: per-class results.
       path_prefix: output path without extension.
-      **kwargs: ``method``, ``backbone`` and ``methods`` for both reports (``decimals`` is
-        Markdown only).
+      **kwargs: ``method``, ``backbone`` and ``methods`` for both reports (``decimals`` is Markdown
+        only).
 
     Returns:
       The two paths written (Markdown, CSV).

@@ -105,8 +105,7 @@ def make_train_step(
     Args:
       model: Flax backbone, ``apply(variables, x, train=False) -> [n, D]``; its ``dtype`` sets the
         compute dtype (features are cast to float32 before the loss).
-      tx: optax transformation (:func:`msad_jax.optimizer.make_optimizer` with the same
-        ``frozen``).
+      tx: optax transformation (:func:`msad_jax.optimizer.make_optimizer` with the same ``frozen``).
       loss: ``'msc'`` (NT-Xent on theta) or ``'contrastive'`` (NT-Xent on phi).
       angular: add the angular center term (SPEC §4).
       temperature: ``tau``.

@@ -249,9 +249,9 @@ def load_folder(
     Args:
       path: directory or .zip file.
       normal_class: index or name of the normal class (or MVTec category).
-      image_size: common square side; None: images larger than 256 (longer side), or all images
-        when their sizes differ (train and test together), become 256x256 as they are decoded, and
-        images that all share one size up to 256 keep it.
+      image_size: common square side; None: images larger than 256 (longer side), or all images when
+        their sizes differ (train and test together), become 256x256 as they are decoded, and images
+        that all share one size up to 256 keep it.
       num_workers: decoding threads.
 
     Returns:

@@ -62,8 +62,8 @@ def decode_image(data: bytes, name: str, *, size: int | None = None) -> np.ndarr
     Args:
       data: the encoded file.
       name: the file's name, for the error message.
-      size: if given, the image is fitted to ``size x size`` (:func:`fit_square`) as it is
-        decoded; a large JPEG is decoded at a reduced scale first (see the module doc).
+      size: if given, the image is fitted to ``size x size`` (:func:`fit_square`) as it is decoded;
+        a large JPEG is decoded at a reduced scale first (see the module doc).
 
     Raises:
       InputError: naming ``name`` when Pillow cannot read the bytes.

