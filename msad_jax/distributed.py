@@ -30,7 +30,9 @@ def resolve_settings(
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> tuple[str | None, int | None, int | None]:
-    """Fills unset arguments from the environment variables named in the module doc.
+    """Fills unset arguments from the environment (``JAX_COORDINATOR_ADDRESS`` and the like).
+
+    The variables are ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
 
     Returns:
       ``(coordinator_address, num_processes, process_id)``, each None when given nowhere.

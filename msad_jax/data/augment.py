@@ -282,7 +282,7 @@ def separable_blur(image: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def gaussian_blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
-    """Gaussian blur of ``[C, H, W]`` with edge-replicating borders (see module doc)."""
+    """Gaussian blur of ``[C, H, W]``, edges replicated (as PIL; dm-pix pads with zeros)."""
     return separable_blur(image, blur_kernel(sigma))
 
 
