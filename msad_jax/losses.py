@@ -22,6 +22,8 @@ _EXCLUDED_LOGIT = -1e30
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Divides each row by its L2 norm, as ``torch.nn.functional.normalize``.
 
+    The clamp is on the squared norm, which keeps the gradient of an all-zero row finite.
+
     Args:
       x: array ``[..., D]``.
       eps: lower bound on the norm.
@@ -44,6 +46,9 @@ def nt_xent_rows(
     temperature: float = 0.25,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-anchor NT-Xent terms of a set of anchors against a set of candidates.
+
+    The loss is computed as ``logsumexp(s_j - s_p)``, never forming the two large terms it is the
+    difference of (better conditioned for nearly collinear vectors); ``align + uniform == loss``.
 
     Args:
       anchors: ``[A, D]`` float array.
