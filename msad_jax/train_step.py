@@ -83,7 +83,10 @@ def _apply_features(model: nn.Module, params: PyTree, batch_stats: PyTree, x: ja
 
 
 def example_keys(rng: jax.Array, step: jax.Array, view: int, rows: jax.Array) -> jax.Array:
-    """Augmentation keys ``[len(rows)]`` of one view of the given global-batch rows."""
+    """Augmentation keys ``[len(rows)]`` of one view of the given global-batch rows.
+
+    A key depends only on (rng, step, view, row), so views do not depend on the device count.
+    """
     base = jax.random.fold_in(jax.random.fold_in(rng, step), view)
     return jax.vmap(lambda row: jax.random.fold_in(base, row))(rows)
 
@@ -101,6 +104,11 @@ def make_train_step(
     with_grads: bool = False,
 ) -> StepFn:
     """Builds the per-device training step ``(state, batch, center) -> (state, metrics)``.
+
+    ``batch`` is this device's share: ``'mask'`` bool ``[b]`` (False = padding) and either
+    ``'view1'``/``'view2'`` float ``[b, S, S, 3]`` or, with ``augment_fn``, ``'image'`` uint8.
+    Metrics (global means): ``loss``, ``align``, ``uniform``, ``angular``, ``count`` and, with
+    ``with_grads``, ``grads``.
 
     Args:
       model: Flax backbone, ``apply(variables, x, train=False) -> [n, D]``; its ``dtype`` sets the
@@ -232,6 +240,9 @@ def make_train_step(
 
 def replicate_state(tree: PyTree, *, axis_name: str = "batch") -> PyTree:
     """Copies a pytree (e.g. a :class:`TrainState`) to every local device for the pmapped step.
+
+    The mesh axis is named like the pmap axis, so the step's outputs keep the inputs' sharding and
+    the second call does not recompile.
 
     Args:
       tree: pytree of arrays.
