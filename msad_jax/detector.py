@@ -4,7 +4,12 @@
 ``score``/``predict`` take uint8 images of any size or image files, fitted and transformed as in
 training. The threshold is set from normal images only for a target false-positive rate
 (:mod:`msad_jax.calibration`); ``with_fpr`` recomputes it without retraining. A non-finite score is
-never called normal. No training code is imported (neither orbax nor matplotlib).
+never called normal. No training code is imported (neither orbax nor matplotlib)::
+
+    detector = Detector.load("runs/cifar10_c0")
+    scores = detector.score(images)        # uint8 [N, H, W, C] of any size, or image files
+    is_anomaly = detector.predict(images)  # score > threshold
+    strict = detector.with_fpr(0.01)       # another target false-positive rate
 """
 
 from __future__ import annotations

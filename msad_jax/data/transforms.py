@@ -89,7 +89,11 @@ def normalize(images01: jax.Array, prep: Preprocessing) -> jax.Array:
 def separable_resample(
     images: jax.Array, wy: jax.Array, wx: jax.Array, *, channels_first: bool = False
 ) -> jax.Array:
-    """Resamples ``[..., H, W, C]`` pixel values (0..255) to ``[..., P, Q, C]``."""
+    """Resamples ``[..., H, W, C]`` pixel values (0..255) to ``[..., P, Q, C]``.
+
+    Width pass first, clipped to [0, 255] as Pillow stores it as uint8 (matters for bicubic's
+    overshoot), then the height pass; ``channels_first`` gives ``[..., C, P, Q]``.
+    """
     x = jnp.einsum("qw,...hwc->...chq", wx, images, precision=_PRECISION)
     x = jnp.clip(x, 0.0, 255.0)
     out = "...cpq" if channels_first else "...pqc"
