@@ -1,4 +1,9 @@
-"""User-facing errors: which exceptions mean "fix your input", and how they are shown."""
+"""User-facing errors: which exceptions mean "fix your input", and how they are shown.
+
+A :class:`UserError` is printed by the command-line tools as one line (exit status 1); anything
+else keeps its traceback. ``MSAD_JAX_DEBUG=1`` shows user errors' tracebacks too. Imports nothing
+of msad_jax, so every layer can raise these.
+"""
 
 from __future__ import annotations
 

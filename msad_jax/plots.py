@@ -1,4 +1,8 @@
-"""Plots of a run: ROC curve, score histograms, and loss / ROC-AUC per epoch (PNG files)."""
+"""Plots of a run: ROC curve, score histograms, and loss / ROC-AUC per epoch (PNG files).
+
+Built on :class:`matplotlib.figure.Figure`, not pyplot: no display needed, and a notebook's
+backend is left alone.
+"""
 
 from __future__ import annotations
 
