@@ -14,8 +14,7 @@ alternated, compilation excluded and reported separately):
 * model FLOP utilisation: FLOPs per call from XLA's cost analysis of the compiled JAX programs
   (the same work is done by PyTorch, so the same count is used for both), divided by the time
   and by the datasheet peak of an H100/H200 SXM (dense: bf16 989 TFLOP/s, TF32 495, plain fp32
-  67; ``/work/.library/device/H200.md`` and KINDS.md report ~790 TFLOP/s measured for a bf16
-  8192^3 matmul).
+  67).
 
 "float32" means float32 storage with TensorFloat-32 tensor-core math allowed on both sides
 (JAX's default precision on NVIDIA GPUs; PyTorch ``allow_tf32 = True``), the peak used for MFU is
@@ -33,13 +32,11 @@ sides freeze msad_jax's default parameters.
 ``--small`` runs tiny sizes (ResNet-18 at 64x64, batch 4, kNN 512 x 128 x 64) so the script can
 be exercised on a CPU in about a minute; its numbers mean nothing.
 
-Running it on the lent H200 (its image has JAX, Flax, Optax, PyTorch, torchvision, chex; carry
-the one missing pure-Python dependency, dm-pix, as a wheel; see benchmarks/RESULTS.md)::
+Running it on a GPU machine with the packages of ``setup.cfg`` plus torch and torchvision (where
+JAX and PyTorch are there but dm-pix is not, ``pip install --no-deps dm-pix==0.4.5`` suffices)::
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_benchmark.py --out $OUT/gpu.md
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_benchmark.py --backbone dinov2_vits14 \
-        --out $OUT/gpu_dinov2.md
+    python benchmarks/gpu_benchmark.py --out gpu.md
+    python benchmarks/gpu_benchmark.py --backbone dinov2_vits14 --out gpu_dinov2.md
 """
 
 from __future__ import annotations

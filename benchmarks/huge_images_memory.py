@@ -130,12 +130,12 @@ def measure(args: argparse.Namespace) -> None:
     print(json.dumps(record, indent=2))
 
 
-def render(args: argparse.Namespace) -> None:
-    records = json.loads(Path(args.records).read_text())
+def markdown(records: list[dict], name: str = "huge_images_memory.json") -> str:
+    """The Markdown table of the records (``name``: the records' file name, for the header)."""
     lines = [
         "# Peak memory of a run on huge same-size images",
         "",
-        f"Written by `benchmarks/huge_images_memory.py render` from `{Path(args.records).name}`.",
+        f"Written by `benchmarks/huge_images_memory.py render` from `{name}`.",
         "Each row: one run of the command below in a child process; peak RSS is the child's",
         "`ru_maxrss`. The training and test images are JPEGs of one size, photo-like content.",
         "",
@@ -153,7 +153,12 @@ def render(args: argparse.Namespace) -> None:
         )
     lines += ["", "Command (FOLDER: the generated images, RUN: a fresh workdir):", ""]
     lines += sorted({f"    {r['command']}" for r in records}) + [""]
-    Path(args.out).write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def render(args: argparse.Namespace) -> None:
+    records = json.loads(Path(args.records).read_text())
+    Path(args.out).write_text(markdown(records, Path(args.records).name))
 
 
 def main() -> None:

@@ -16,12 +16,13 @@ weight decay 5e-5, batch 64, 20 epochs, kNN k = 2) with the backbone's defaults 
 ``msad_jax.models.registry``: resize 256, center crop 224 (a 16 x 16 grid of 14 px patches),
 bicubic, ImageNet mean/std; patch embedding, tokens, position embeddings and blocks 0-5 frozen;
 learning rate 1e-4 (``BackboneSpec.learning_rate``) -- a starting point chosen by analogy, not a
-measured optimum: try 1e-5 and 1e-3 on one class first. bfloat16 halves the time on a GPU:
-``--config.dtype=bfloat16``.
+measured optimum: try 1e-5 and 1e-3 on one class first. ``--config.dtype=bfloat16`` computes in
+bfloat16 (its speed with this backbone has not been measured).
 
-Expected: not measured with this backbone yet. Published one-class CIFAR-10 mean ROC-AUC, for
-reference: MSC 98.6% with ResNet-152 (the paper); FITYMI and GeneralAD 99.1% with ViT-B/16 (their
-papers; other methods, not MSC).
+Results: not measured with this project yet (neither accuracy nor run time; CPU throughput of the
+backbones beside ResNet-50: benchmarks/results/vit_backbones.md). Published one-class CIFAR-10
+mean ROC-AUC, for reference: MSC 98.6% with ResNet-152 (the paper); FITYMI and GeneralAD 99.1%
+with ViT-B/16 (their papers; other methods, not MSC).
 """
 
 from msad_jax.config import default_config

@@ -27,6 +27,8 @@ from msad_jax.preprocessing import METHODS
 # Keys of earlier versions, still accepted: what each became.
 LEGACY_KEYS = {"threshold_quantile": "threshold_fpr"}
 DTYPES = ("float32", "bfloat16")
+AUGMENTS = ("device", "pil")
+EVAL_RESIZES = ("float", "pil")
 
 
 class ConfigError(InputError):
@@ -65,6 +67,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.resize = 0
     c.crop = -1  # -1 = backbone default, 0 = no crop, >0 = center-crop side
     c.resize_method = ""
+    # 'float': resize on device in float32, never rounded; 'pil': Pillow on the host, rounded to
+    # uint8 after resizing, as torchvision's Resize on PIL images (msad_jax.data.pil_eval).
+    c.eval_resize = "float"
+    # Training views (SPEC §6): 'device' = MoCo-v2 on the accelerator inside the step
+    # (msad_jax.data.augment); 'pil' = torchvision's MoCo-v2 with Pillow on the host, 8-bit
+    # like the reference (msad_jax.data.pil_augment), in augment_workers threads (0 = all cores).
+    c.augment = "device"
+    c.augment_workers = 0
     # Loss and optimisation (SPEC §4-5).
     c.loss = "msc"  # 'msc' (mean-shifted) or 'contrastive' (standard NT-Xent, for comparison)
     c.angular = False  # add the angular center term
@@ -198,6 +208,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _choice(config, "dtype", DTYPES)
     if config.resize_method:
         _choice(config, "resize_method", METHODS)
+    _choice(config, "augment", AUGMENTS)
+    _choice(config, "eval_resize", EVAL_RESIZES)
     _positive(config, "temperature", "batch_size", "eval_batch_size", "knn_k")
     _positive(config, "knn_memory_budget_mb", "keep_checkpoints", "log_every_steps")
     _positive(config, "synthetic_size", "synthetic_train", "synthetic_test")
@@ -213,6 +225,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         "resize",
         "train_images",
         "test_images",
+        "augment_workers",
         allow_zero=True,
     )
     _fold_threshold_quantile(config)

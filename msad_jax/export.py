@@ -54,6 +54,7 @@ from msad_jax import calibration, knn
 from msad_jax.data.transforms import make_any_size_preprocess_fn
 from msad_jax.errors import InputError
 from msad_jax.features import feature_step
+from msad_jax.models import cpu_lowering
 
 if TYPE_CHECKING:
     from msad_jax.detector import Detector
@@ -93,10 +94,16 @@ def scoring_function(detector: Detector) -> Callable[[jax.Array], jax.Array]:
 def export_scorer(
     detector: Detector, *, platforms: Sequence[str] = ("cpu",)
 ) -> jax_export.Exported:
-    """The :func:`scoring_function` exported with symbolic batch, height, width and channels."""
+    """The :func:`scoring_function` exported with symbolic batch, height, width and channels.
+
+    Traced with XLA's own lowering (:func:`msad_jax.models.cpu_lowering.xla_lowering`): the
+    program is the same whichever machine exports it, for every platform it is lowered for.
+    """
     shape = jax_export.symbolic_shape(INPUT_SHAPE, constraints=INPUT_CONSTRAINTS)
     spec = jax.ShapeDtypeStruct(shape, jnp.uint8)
-    return jax_export.export(jax.jit(scoring_function(detector)), platforms=tuple(platforms))(spec)
+    scorer = jax.jit(scoring_function(detector))
+    with cpu_lowering.xla_lowering():
+        return jax_export.export(scorer, platforms=tuple(platforms))(spec)
 
 
 def _metadata(detector: Detector, exported: jax_export.Exported, blob: bytes) -> dict[str, Any]:
@@ -239,15 +246,13 @@ def main(argv: list[str]) -> None:
     )
 
 
-def _help_requested(argv: list[str]) -> bool:
-    return any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:])
-
-
 if __name__ == "__main__":
+    from msad_jax.console import parse_absl_flags, wants_help
+
     _define_flags()
-    if _help_requested(sys.argv):  # absl's --help exits with status 1
+    if wants_help(sys.argv):  # the module's summary and usage, then its flags; exit status 0
         print(__doc__.split("\n\n")[0])
         print("\nUsage: python -m msad_jax.export --workdir W [--format stablehlo] OUT\n")
         print(flags.FLAGS.module_help(sys.modules[__name__]))
         sys.exit(0)
-    app.run(main)
+    app.run(main, flags_parser=parse_absl_flags)

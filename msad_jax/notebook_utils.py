@@ -182,14 +182,14 @@ def enable_compilation_cache(directory: str | os.PathLike) -> str:
 
 
 def show_library_logs(level: int = logging.INFO) -> None:
-    """Shows msad_jax's progress messages (ROC-AUC per epoch) in the notebook."""
-    logger = logging.getLogger("msad_jax")
-    logger.setLevel(level)
-    if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+    """Shows msad_jax's progress messages (ROC-AUC per epoch) in the notebook.
+
+    The lines are written with ``tqdm.write`` (:func:`msad_jax.console.log_to_console`), so they
+    stay clear of a progress bar; calling this again keeps one handler.
+    """
+    from msad_jax.console import log_to_console
+
+    log_to_console(level=level, fmt="%(message)s", datefmt=None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ RESUME_KEYS = (
     "crop",
     "resize_method",
     "calibration_holdout",
+    "augment",
+    "eval_resize",
 )
 """Config keys that change what a checkpoint means; a resumed run must agree on them."""
 

@@ -73,4 +73,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from msad_jax.console import parse_absl_flags
+
+    app.run(main, flags_parser=parse_absl_flags)

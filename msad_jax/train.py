@@ -62,7 +62,7 @@ from msad_jax.checkpointing import (
     non_finite_items,
 )
 from msad_jax.config import ConfigError, validate_config
-from msad_jax.data import augment, pipeline, transforms
+from msad_jax.data import augment, pil_augment, pil_eval, pipeline, transforms
 from msad_jax.data.protocols import OneClassData
 from msad_jax.errors import UserError
 from msad_jax.features import make_feature_extractor
@@ -161,10 +161,12 @@ class _Run:
     config: ml_collections.ConfigDict
     workdir: str
     data: OneClassData
+    eval_data: OneClassData  # data as the extractor takes it (eval_resize)
     holdout_images: np.ndarray  # normal training images held out for calibration (may be empty)
     model: Any
     extractor: Any
     step_fn: Any
+    prep: transforms.Preprocessing
     steps_per_epoch: int
     total_steps: int
     writer: MetricWriter | _NullWriter
@@ -176,7 +178,7 @@ class _Run:
             return evaluation.evaluate(
                 self.extractor,
                 variables,
-                self.data,
+                self.eval_data,
                 k=self.config.knn_k,
                 batch_size=self.config.eval_batch_size,
                 memory_budget_bytes=self.config.knn_memory_budget_mb * 2**20,
@@ -228,7 +230,7 @@ def _checked_host_state(run: _Run, state: TrainState, center: np.ndarray) -> dic
 
 
 def _epoch_batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
-    batches = pipeline.train_batches(
+    batches: Iterator[dict[str, np.ndarray]] = pipeline.train_batches(
         run.data.train_images,
         global_batch_size=run.config.batch_size,
         num_devices=jax.local_device_count(),
@@ -238,6 +240,15 @@ def _epoch_batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    if run.config.augment == "pil":
+        batches = pil_augment.host_view_batches(
+            batches,
+            size=run.prep.size,
+            seed=run.config.seed,
+            workers=run.config.augment_workers,
+            first_step=epoch * run.steps_per_epoch + start,
+            process_index=jax.process_index(),
+        )
     return pipeline.prefetch_to_device(batches, size=2)
 
 
@@ -249,11 +260,15 @@ def _train_epoch(
     start: int,
     progress: dict[str, Any],
     bar: tqdm.tqdm,
-) -> tuple[TrainState, list[float]]:
-    """Runs the steps of one epoch from ``start``; returns the state and the epoch's losses."""
+) -> tuple[TrainState, list[float], list[float]]:
+    """Runs one epoch's steps from ``start``; returns the state, step losses and batch sizes."""
     config = run.config
     pending = _PendingMetrics()
     losses: list[float] = list(progress.get("epoch_losses", []))
+    # Checkpoints of earlier versions kept no counts: their steps were full batches.
+    counts: list[float] = list(progress.get("epoch_counts", [])) or [config.batch_size] * len(
+        losses
+    )
     global_step = epoch * run.steps_per_epoch + start
 
     def flush() -> None:
@@ -261,6 +276,7 @@ def _train_epoch(
         _check_finite(records, run)
         for step, values in records:
             losses.append(values["loss"])
+            counts.append(values.pop("count"))
             run.writer.write({"step": step, "epoch": epoch, **values}, step=step, prefix="train/")
         if records:
             bar.set_postfix(loss=f"{records[-1][1]['loss']:.4f}", epoch=epoch)
@@ -270,7 +286,9 @@ def _train_epoch(
             break
         state, metrics = run.step_fn(state, batch, center)
         global_step += 1
-        pending.add(global_step, {k: metrics[k] for k in ("loss", "align", "uniform", "angular")})
+        pending.add(
+            global_step, {k: metrics[k] for k in ("loss", "align", "uniform", "angular", "count")}
+        )
         bar.update(1)
         done_in_epoch = start + offset + 1
         if global_step % config.log_every_steps == 0:
@@ -286,10 +304,11 @@ def _train_epoch(
                     "epoch": epoch,
                     "step_in_epoch": done_in_epoch,
                     "epoch_losses": losses,
+                    "epoch_counts": counts,
                 },
             )
     flush()
-    return state, losses
+    return state, losses, counts
 
 
 def _write_outputs(
@@ -371,9 +390,11 @@ def train_one_class(
         loss=config.loss,
         angular=config.angular,
         temperature=config.temperature,
-        augment_fn=augment.make_augment_fn(prep),
+        augment_fn=augment.make_augment_fn(prep) if config.augment == "device" else None,
         frozen=frozen,
     )
+    if config.augment == "pil":
+        step = pil_augment.with_normalized_views(step, prep)
     steps_per_epoch, total_steps = training_steps(config, len(data.train_images))
     fresh = create_train_state(variables, tx, jax.random.key(config.seed))
     detector_step = recorded_detector_step(workdir)
@@ -383,6 +404,9 @@ def train_one_class(
         keep_steps=() if detector_step is None else (detector_step,),
     )
     writer: MetricWriter | _NullWriter = _NullWriter()
+    eval_data, eval_holdout, preprocess_fn = pil_eval.eval_inputs(
+        config.eval_resize, data, holdout_images, prep
+    )
     try:
         resumed = run_state.restore_newest_intact(
             checkpoints, run_state.host_tree(fresh, np.zeros(model.feature_dim)), identity, workdir
@@ -395,10 +419,12 @@ def train_one_class(
             config=config,
             workdir=workdir,
             data=data,
-            holdout_images=holdout_images,
+            eval_data=eval_data,
+            holdout_images=eval_holdout,
             model=model,
-            extractor=make_feature_extractor(model, transforms.make_preprocess_fn(prep)),
+            extractor=make_feature_extractor(model, preprocess_fn),
             step_fn=pmap_train_step(step),
+            prep=prep,
             steps_per_epoch=steps_per_epoch,
             total_steps=total_steps,
             writer=writer,
@@ -454,14 +480,14 @@ def _train_and_report(
     ) as bar:
         while epoch * run.steps_per_epoch + start < run.total_steps:
             t0 = time.perf_counter()
-            state, losses = _train_epoch(run, state, center, epoch, start, progress, bar)
+            state, losses, counts = _train_epoch(run, state, center, epoch, start, progress, bar)
             seconds = time.perf_counter() - t0
             steps_done = int(jax.device_get(state.step[0]))
             last = steps_done >= run.total_steps
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": steps_done,
-                "mean_loss": float(np.mean(losses)) if losses else None,
+                "mean_loss": pipeline.epoch_mean_loss(losses, counts) if losses else None,
                 "train_seconds": seconds,
             }
             if last or (config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0):
@@ -475,6 +501,7 @@ def _train_and_report(
                 "step_in_epoch": 0,
                 "history": history,
                 "epoch_losses": [],
+                "epoch_counts": [],
             }
             run.checkpoints.save(steps_done, _checked_host_state(run, state, center_host), progress)
     if final is None:  # resumed after the last epoch finished, or no training steps

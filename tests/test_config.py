@@ -37,7 +37,23 @@ def test_every_config_file_is_valid_and_documents_its_command(path):
     else:
         validate_config(config)
     assert f"--config configs/{path.name}" in module.__doc__
-    assert "Expected" in module.__doc__
+
+
+def _results_paragraph(doc):
+    paragraphs = [p for p in doc.split("\n\n") if p.lstrip().startswith("Results")]
+    assert len(paragraphs) == 1, "one paragraph starting with 'Results'"
+    return " ".join(paragraphs[0].split())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_says_where_its_numbers_come_from(path):
+    doc = _load(path).__doc__
+    assert "Expected" not in doc, "state measured or published numbers, not expectations"
+    results = _results_paragraph(doc)
+    measured = "measured" in results and "benchmarks/results/" in results
+    published = "not measured with this project" in results and "Published" in results
+    nothing = results.startswith("Results: none to compare")
+    assert measured or published or nothing, results
 
 
 def test_shipped_configs_cover_the_protocols():

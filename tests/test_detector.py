@@ -246,6 +246,43 @@ def test_export_for_several_platforms_runs_on_cpu(detector, tmp_path):
     np.testing.assert_allclose(got, detector.score(images), rtol=1e-5)
 
 
+def _without_locations(text: str) -> str:
+    """MLIR text without its ``loc(...)`` annotations (nested, with quoted names)."""
+    out, i = [], 0
+    while (start := text.find(" loc(", i)) >= 0:
+        out.append(text[i:start])
+        depth, j, quoted = 0, start + 1, False
+        while True:
+            char = text[j]
+            if char == '"' and text[j - 1] != "\\":
+                quoted = not quoted
+            elif not quoted and char == "(":
+                depth += 1
+            elif not quoted and char == ")":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        i = j + 1
+    return "".join(out) + text[i:]
+
+
+def test_exported_program_is_the_one_without_the_cpu_lowering(detector, monkeypatch):
+    """The CPU lowering (on by default when tracing on a CPU) stays out of exported programs."""
+    from msad_jax import cpu_flags
+    from msad_jax.export import export_scorer
+
+    def program() -> str:  # the StableHLO text without its source locations
+        text = export_scorer(detector, platforms=("cpu", "cuda", "tpu")).mlir_module()
+        lines = [line for line in text.splitlines() if not line.startswith("#loc")]
+        return _without_locations("\n".join(lines))
+
+    default = program()
+    monkeypatch.setenv(cpu_flags.ENV_VAR, "0")
+    assert "stablehlo.convolution" in default and "loc(" not in default
+    assert default == program()
+
+
 def test_export_refuses_to_overwrite(detector, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")

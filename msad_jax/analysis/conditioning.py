@@ -263,6 +263,14 @@ def _positive_cosine(feats1, feats2, center, shift) -> jax.Array:
     return jnp.mean(jnp.sum(z1 * z2, axis=-1))
 
 
+def positive_cosine(
+    feats1: jax.Array, feats2: jax.Array, center: jax.Array | None, loss: str
+) -> jax.Array:
+    """Mean cosine between the two views of each image, in the space the loss sees (z)."""
+    _check_views(feats1, feats2)
+    return _positive_cosine(feats1, feats2, center, loss_shift(loss, center))
+
+
 # ------------------------------------------------------------------------------------------------
 # Parameter space.
 

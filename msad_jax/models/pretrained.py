@@ -12,10 +12,11 @@ Every file is checked against the sha256 prefix in its name (torch hub's convent
 the converted Flax variables are cached next to it as ``.npz`` so the ``.pth`` is parsed only once.
 
 Vision Transformer weights come from the Hugging Face Hub (:func:`hub_weights`: the repository's
-``resolve`` address, cached as ``<owner>--<repo>--<file>``). Their digests are not pinned here:
-the Hub declares each large file's sha256 in the ``X-Linked-Etag`` header of the ``resolve``
-response, the download is verified against it, and the digest is kept beside the file
-(``<file>.sha256``) so that every later use verifies the cached file again.
+``resolve`` address, cached as the repository id with ``/`` replaced by ``--``, then ``--`` and
+the file name). Their digests are not pinned here: the Hub declares each large file's sha256 in
+the ``X-Linked-Etag`` header of the ``resolve`` response, the download is verified against it,
+and the digest is kept beside the file (``<file>.sha256``) so that every later use verifies the
+cached file again.
 """
 
 from __future__ import annotations

@@ -82,6 +82,20 @@ def _read_head(path: Path) -> bytes:
     return head
 
 
+def _to_native(array: np.ndarray, byteorder: str) -> np.ndarray:
+    """Returns ``array`` (whose bytes are in ``byteorder``) reinterpreted in host byte order.
+
+    ml_dtypes' types (bfloat16; NumPy kind 'V') are swapped through an unsigned integer view of
+    the same size: ``byteswap`` leaves them unchanged in some ml_dtypes releases (0.5.0).
+    """
+    if byteorder == sys.byteorder or array.dtype.itemsize == 1:
+        return array
+    if array.dtype.kind == "V":
+        unsigned = np.dtype(f"u{array.dtype.itemsize}")
+        return array.view(unsigned).byteswap().view(array.dtype)
+    return array.byteswap()
+
+
 def _is_legacy_stream(head: bytes) -> bool:
     return head.startswith(_LEGACY_MAGIC_TEXT) or (
         head[:1] == b"\x80" and _LEGACY_MAGIC_BINARY in head[:32]
@@ -362,7 +376,7 @@ def _load_zip_checkpoint(path: Path) -> Any:
                     f"{numel * dtype.itemsize}; the checkpoint is corrupt, {_REMEDY}"
                 )
             array = np.frombuffer(raw, dtype=dtype, count=numel)
-            storages[key] = array.byteswap() if byteorder != sys.byteorder else array
+            storages[key] = _to_native(array, byteorder)
             return storages[key]
 
         pickled = _read_member(archive, f"{prefix}data.pkl", path)
@@ -438,8 +452,7 @@ def _fill_legacy_root(file: BinaryIO, root: _LegacyRoot, file_size: int, path: P
     array = np.empty(root.numel, dtype=root.dtype)
     if file.readinto(array.view(np.uint8)) != nbytes:
         raise WeightFileError(f"{path}: short read in storage {root.key!r}; {truncated}")
-    if sys.byteorder != "little":  # torch writes these storages little-endian on every host
-        array = array.byteswap()
+    array = _to_native(array, "little")  # torch writes these storages little-endian
     for tensor, storage, offset, size, stride in root.pending:
         window = array[storage.start : storage.start + storage.numel]
         try:
