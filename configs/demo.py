@@ -49,7 +49,7 @@ def get_config():
     config.pretrained = True
     config.resize = 64
     config.crop = 0  # no crop
-    config.frozen = r"^_conv_stem/,^_bn0/,^_blocks/([0-9]|10)/"
+    config.frozen = (r"^_conv_stem/", r"^_bn0/", r"^_blocks/([0-9]|10)/")
     config.learning_rate = 0.03
     config.batch_size = 32
     config.epochs = 5

@@ -1,19 +1,9 @@
 """Decision thresholds from normal images only, at a target false-positive rate.
 
-A detector flags an image as anomalous when its score exceeds a threshold. Without anomalous
-examples the threshold can still be set for a target false-positive rate (FPR) ``alpha``: from
-``n`` *calibration scores* of normal images that were scored the way new normal images will be
-(exchangeable with them), take the ``r``-th smallest, ``r = ceil((n + 1) * (1 - alpha))``. A new
-normal image then scores above it with probability ``1 - r / (n + 1)``, which lies in
-``(alpha - 1 / (n + 1), alpha]`` (the split-conformal argument: the new score is equally likely
-to take any rank among the ``n + 1``). So the expected FPR is at most ``alpha`` and at most
-``1 / (n + 1)`` below it; this needs ``n >= 1 / alpha - 1`` calibration images (99 for 1%).
-
-Where the calibration scores come from (:func:`msad_jax.evaluation.leave_one_out_scores` or
-held-out normal training images) is decided by training (``config.calibration_holdout``); which
-is the better estimator is measured in ``benchmarks/results/threshold_calibration.md``.
-
-Only NumPy: this module is shared by training and inference.
+From ``n`` calibration scores of normal images scored the way new ones will be, the threshold is
+the ``ceil((n + 1)(1 - alpha))``-th smallest: by exchangeability a new normal image exceeds it with
+probability in ``(alpha - 1/(n + 1), alpha]``; this needs ``n >= 1/alpha - 1`` (99 for 1%). Only
+NumPy: shared by training and inference.
 """
 
 from __future__ import annotations
@@ -84,9 +74,6 @@ def flag_rate(scores: np.ndarray, threshold: float) -> float:
 
 def holdout_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``count`` normal training images into (kept, held out) index arrays.
-
-    ``round(fraction * count)`` images (at least one when ``fraction > 0``) are held out; both
-    index arrays are sorted, so the images keep their original order.
 
     Raises:
       CalibrationError: ``fraction`` is outside [0, 1) or leaves no image to train on.

@@ -1,24 +1,10 @@
 """Orbax checkpoints of a fine-tuning run: the training state plus where the run stood.
 
-A checkpoint (``<workdir>/checkpoints/<global step>/``) holds two items:
-
-* ``state``: a pytree of NumPy arrays -- parameters, BatchNorm statistics, optimizer state, step,
-  PRNG key data and the center (the center is fixed before training, so a resumed run must reuse
-  it rather than recompute it from a half-trained model);
-* ``progress``: JSON -- epoch, step within the epoch, the per-epoch evaluation history so far, the
-  run's configuration, and the sha256 digest of the ``state`` arrays (:func:`tree_digest`).
-
-Saving is asynchronous (training continues while the files are written) and atomic: orbax writes
-into a temporary folder and renames it when complete, so a run killed mid-save leaves the previous
-checkpoint intact and the partial one is ignored. The arrays handed to orbax are private read-only
-copies, and the digest is taken from them before the save starts, so it describes exactly what is
-written.
-
-Reading verifies a checkpoint independently of orbax's storage format: a checkpoint whose files
-cannot be read, whose arrays do not match the stored digest, or whose parameters, BatchNorm
-statistics or center hold NaN/inf is *damaged* (:class:`DamagedCheckpointError`).
-:meth:`RunCheckpoints.move_aside` moves such a folder out of the checkpoint root (never deleting
-it), after which the previous checkpoint is the newest.
+``<workdir>/checkpoints/<step>/`` holds ``state`` (parameters, BatchNorm statistics, optimizer
+state, step, PRNG key and the center, which a resumed run must reuse) and ``progress`` (JSON:
+position, history, configuration and the sha256 digest of ``state``). Saving is asynchronous and
+atomic. A checkpoint that cannot be read, fails its digest or holds NaN/inf is damaged
+(:class:`DamagedCheckpointError`) and can be moved aside, never deleted.
 """
 
 from __future__ import annotations
@@ -130,12 +116,7 @@ class RunCheckpoints:
         return os.path.join(self.directory, str(step))
 
     def save(self, step: int, state: PyTree, progress: Mapping[str, Any]) -> None:
-        """Starts saving ``state`` (host arrays) and ``progress`` (JSON-able) as ``step``.
-
-        The arrays are copied (read-only) and their digest is stored in ``progress`` before the
-        asynchronous write starts. A checkpoint for ``step`` that already exists is kept as it
-        is.
-        """
+        """Starts saving ``state`` (host arrays) and ``progress`` (JSON-able) as ``step``."""
         if step in self._manager.all_steps():
             return
         state = jax.tree.map(_private_copy, state)
@@ -251,9 +232,6 @@ class RunCheckpoints:
     def restore_arrays(self, step: int | None = None) -> dict[str, Any]:
         """Reads and verifies the ``state`` item as plain nested dicts/lists of arrays.
 
-        Enough to read parameters, BatchNorm statistics and the center (e.g. for inference);
-        optimizer states come back as plain containers.
-
         Raises:
           DamagedCheckpointError: unreadable, not what was saved, or holding NaN/inf.
           CheckpointError: no checkpoint.
@@ -266,8 +244,6 @@ class RunCheckpoints:
 
     def move_aside(self, step: int, destination: str | os.PathLike) -> str:
         """Moves checkpoint ``step`` to ``destination/<step>`` (``<step>-2``, ... if taken).
-
-        Nothing is deleted or overwritten; the checkpoint no longer counts as one of the run's.
 
         Returns:
           The checkpoint's new folder.

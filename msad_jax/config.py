@@ -11,21 +11,22 @@ k = 2 on the normal training images.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 
-from msad_jax.data.protocols import DATASETS
+from msad_jax.data.registry import DATASETS
 from msad_jax.errors import InputError
+from msad_jax.losses import LOSSES
 from msad_jax.models import list_backbones
+from msad_jax.preprocessing import METHODS
 
-LOSSES = ("msc", "contrastive")
 # Keys of earlier versions, still accepted: what each became.
 LEGACY_KEYS = {"threshold_quantile": "threshold_fpr"}
 DTYPES = ("float32", "bfloat16")
-METHODS = ("bilinear", "bicubic")
 AUGMENTS = ("device", "pil")
 EVAL_RESIZES = ("float", "pil")
 
@@ -38,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     """Every configuration key with its default (the published CIFAR-10 recipe)."""
     c = ml_collections.ConfigDict()
     # Data (SPEC §8).
-    c.dataset = "cifar10"  # one of msad_jax.data.DATASETS (+ 'synthetic')
+    c.dataset = "cifar10"  # one of msad_jax.data.DATASETS
     c.normal_class = "0"  # class index or name (a string), or "all" for every class in turn
     c.data_dir = ""  # TFDS data_dir ('' = TFDS default); for 'folder': the directory or .zip
     c.manual_dir = ""  # TFDS manual download directory ('' = <data_dir>/downloads/manual)
@@ -57,7 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.pretrained = True  # ImageNet weights; False = random init (smoke tests only)
     c.weights_cache = ""  # '' = $MSAD_JAX_CACHE or ~/.cache/msad_jax
     c.offline = False  # never download weights (also MSAD_JAX_OFFLINE=1)
-    c.frozen = "default"  # 'default' = the backbone's (SPEC §2), or comma-separated regexes, or ''
+    # Frozen parameters: 'default' = the backbone's (SPEC §2), or a tuple of regexes of parameter
+    # paths, e.g. ('^conv1/', '^layer1/'); () = none. A string of comma-separated regexes is read
+    # too (the form of earlier versions; a comma inside {m,n} does not separate).
+    c.frozen = ml_collections.FieldReference("default", field_type=object)
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
     # Preprocessing overrides (0 / '' = the backbone's evaluation transform, SPEC §6).
     c.resize = 0
@@ -153,6 +157,25 @@ def _fold_threshold_quantile(config: ml_collections.ConfigDict) -> None:
     config.threshold_fpr = fpr
 
 
+def frozen_setting(value: Any) -> str | tuple[str, ...]:
+    """``config.frozen`` as ``'default'`` or a tuple of regexes (see :func:`default_config`).
+
+    Raises:
+      ConfigError: neither a string nor a sequence of strings.
+    """
+    if isinstance(value, str):
+        if value.strip() == "default":
+            return "default"
+        parts = re.split(r",(?![^{]*\})", value)  # commas outside {m,n}
+        return tuple(part.strip() for part in parts if part.strip())
+    if isinstance(value, tuple | list) and all(isinstance(part, str) for part in value):
+        return tuple(value)
+    raise ConfigError(
+        f"config.frozen={value!r}: use 'default', or a tuple of regexes such as "
+        "('^conv1/', '^layer1/')."
+    )
+
+
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
     """The model's compute dtype (``config.dtype``)."""
     return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
@@ -178,7 +201,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                 f"config.{key} is missing; start config files from "
                 "msad_jax.config.default_config()."
             )
-    _choice(config, "dataset", (*DATASETS, "synthetic"))
+    _choice(config, "dataset", DATASETS)
+    frozen_setting(config.frozen)
     _choice(config, "backbone", list_backbones())
     _choice(config, "loss", LOSSES)
     _choice(config, "dtype", DTYPES)

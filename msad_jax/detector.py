@@ -1,42 +1,15 @@
 """Using a trained model: score new images and flag anomalies.
 
-``Detector.load(workdir)`` reads what a finished run left in its workdir (``run.json`` and
-``detector.npz``: the model's inference variables, the kNN gallery of the normal training images
-and the threshold's calibration, see :mod:`msad_jax.run_files`) and rebuilds the backbone and its
-evaluation transform::
+``Detector.load(workdir)`` reads ``run.json`` and ``detector.npz`` (verified by its sha256 digest);
+``score``/``predict`` take uint8 images of any size or image files, fitted and transformed as in
+training. The threshold is set from normal images only for a target false-positive rate
+(:mod:`msad_jax.calibration`); ``with_fpr`` recomputes it without retraining. A non-finite score is
+never called normal. No training code is imported (neither orbax nor matplotlib)::
 
     detector = Detector.load("runs/cifar10_c0")
     scores = detector.score(images)        # uint8 [N, H, W, C] of any size, or image files
     is_anomaly = detector.predict(images)  # score > threshold
     strict = detector.with_fpr(0.01)       # another target false-positive rate
-    detector.export("scorer/")             # a scorer loadable with jax alone (msad_jax.export)
-
-**Threshold.** Set from normal images only, for a target false-positive rate (``config.
-threshold_fpr``, default 5%): the ``ceil((n + 1)(1 - fpr))``-th smallest of ``n`` calibration
-scores (:mod:`msad_jax.calibration`), which are the leave-one-out kNN scores of the gallery, or
-the scores of normal training images held out from training and the gallery
-(``config.calibration_holdout``). :meth:`Detector.with_fpr` (and ``python -m msad_jax.score
---fpr``) recompute it from the stored calibration scores for another rate, without retraining.
-Files of earlier versions hold a threshold that was a quantile of the leave-one-out scores; it is
-used as it is, and ``with_fpr`` works on them too.
-
-**Images.** Arrays: uint8 ``[N, H, W]`` (grey) or ``[N, H, W, C]`` with C = 1, 2, 3 or 4 (grey,
-grey + alpha, RGB, RGBA; alpha is dropped, as Pillow's ``convert('RGB')`` does), of any size.
-They are fitted to the side of the stored training images (shorter side, bilinear, center crop)
-and then given the evaluation transform, both on the device in float32
-(:func:`msad_jax.data.transforms.any_size_transform`); the exported scorer does exactly the same.
-Image files are decoded with Pillow and fitted to that side while decoding, as training decoded
-image folders (:func:`msad_jax.data.images.decode_image`): rounded to uint8, and a large JPEG is
-decoded at a reduced scale first, so a file and its decoded pixels can score slightly
-differently (within a grey level per pixel).
-
-**Integrity.** ``detector.npz`` is verified against the sha256 digest it carries (and must be
-finite); a damaged one raises :class:`msad_jax.errors.CheckpointError` naming it. Files of
-earlier versions hold no variables: the detector then restores them from the checkpoint the file
-was built from (importing orbax only then). A score that is NaN or infinite is never called
-normal: :meth:`Detector.score` raises :class:`NonFiniteScoresError`.
-
-This module imports no training code (neither :mod:`msad_jax.train`, orbax nor matplotlib).
 """
 
 from __future__ import annotations
@@ -199,15 +172,14 @@ class Detector:
         """Loads the detector of a finished run in ``workdir``.
 
         Args:
-          workdir: the run's folder (one class: ``<workdir>/class_<i>_<name>`` of an
-            ``'all'`` run).
+          workdir: the run's folder (one class: ``<workdir>/class_<i>_<name>`` of an ``'all'`` run).
           fpr: a target false-positive rate for the threshold instead of the run's
             (:meth:`with_fpr`).
 
         Raises:
           MissingInputError: ``workdir`` holds no finished run (or holds per-class subfolders).
-          CheckpointError: ``detector.npz`` (or for files of earlier versions, the checkpoint
-            it was built from) is damaged or missing.
+          CheckpointError: ``detector.npz`` (or for files of earlier versions, the checkpoint it was
+            built from) is damaged or missing.
           CalibrationError: ``fpr`` is outside (0, 1) or needs more calibration scores.
         """
         workdir = os.fspath(workdir)
@@ -248,12 +220,9 @@ class Detector:
     def with_fpr(self, fpr: float) -> Detector:
         """This detector with its threshold set for the false-positive rate ``fpr``.
 
-        Computed from the stored calibration scores (no retraining); ``fpr`` equal to the
-        run's ``config.threshold_fpr`` gives the run's threshold.
-
         Raises:
-          CalibrationError: ``fpr`` is outside (0, 1), or there are too few calibration
-            scores for it, or none are stored.
+          CalibrationError: ``fpr`` is outside (0, 1), or there are too few calibration scores for
+            it, or none are stored.
         """
         if self.calibration_scores is None:
             raise calibration.CalibrationError(

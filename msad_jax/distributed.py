@@ -1,31 +1,4 @@
-"""Multi-host start-up and cross-process helpers (one process per host, ``jax.distributed``).
-
-A multi-host run starts the same program on every host. Each process calls :func:`initialize`
-before anything touches a JAX device; afterwards ``jax.devices()`` lists the devices of all
-processes, ``jax.local_devices()`` this process's, and collectives inside ``jax.pmap``
-(``lax.psum``, ``lax.all_gather``) run over all devices of all processes: a pmapped function is
-called by every process with its *local* share (leading axis = local device count), and the
-mapped axis spans the devices of all processes in process order. On CPU the cross-process
-collectives are Gloo's (``jax_cpu_collectives_implementation``).
-
-How the rest of msad_jax uses this:
-
-* the data pipeline gives each process the ``process_index``-th slice of every global batch;
-* the center's sum and count are ``lax.psum``-reduced inside the pmapped feature function, so they
-  are global; the features themselves (kNN gallery and test features) are all-gathered to every
-  process with :func:`gather_rows`, in input order, so every process computes the same kNN scores
-  and metrics;
-* checkpoints: every process calls orbax's save and restore (orbax synchronises them); host NumPy
-  state is written by process 0 only, into a directory that all processes must see (a shared
-  file system or a bucket);
-* reports, plots, metric logs and the detector file are written by process 0 only
-  (:func:`is_main_process`).
-
-Settings come from arguments or, when an argument is None, from the environment:
-``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and
-``JAX_PROCESS_ID``. With none of them set, the run is single-process and nothing is initialised
-(unless ``auto=True``, which lets JAX detect a SLURM, Open MPI or Cloud TPU environment).
-"""
+"""Multi-host start-up and cross-process helpers (one process per host, ``jax.distributed``)."""
 
 from __future__ import annotations
 
@@ -57,14 +30,16 @@ def resolve_settings(
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> tuple[str | None, int | None, int | None]:
-    """Fills unset arguments from the environment variables named in the module doc.
+    """Fills unset arguments from the environment (``JAX_COORDINATOR_ADDRESS`` and the like).
+
+    The variables are ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
 
     Returns:
       ``(coordinator_address, num_processes, process_id)``, each None when given nowhere.
 
     Raises:
-      ValueError: for values that cannot be right (non-integers, ``process_id`` outside
-        ``[0, num_processes)``, a coordinator address without a port).
+      ValueError: for values that cannot be right (non-integers, ``process_id`` outside ``[0,
+        num_processes)``, a coordinator address without a port).
     """
     coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ENV) or None
     if num_processes is None:
@@ -96,9 +71,6 @@ def initialize(
     timeout_s: int = 300,
 ) -> bool:
     """Starts ``jax.distributed`` when this is one process of a multi-process run.
-
-    Call it first, before any JAX computation. Arguments left None are read from the environment
-    (see the module doc). A run with one process and no coordinator needs no initialisation.
 
     Args:
       coordinator_address: ``host:port`` of process 0 (its coordinator service listens there).
@@ -186,9 +158,6 @@ def interleave_rows(gathered: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def gather_rows(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The valid rows of all processes' batches, in global input order.
-
-    Every process passes its own rows of the same global batches; every process gets all of them.
-    In a single-process run this is ``values[mask]`` (flattened over batches).
 
     Args:
       values: ``[n_batches, rows, ...]`` this process's rows of each global batch (same shape on

@@ -1,11 +1,8 @@
 """User-facing errors: which exceptions mean "fix your input", and how they are shown.
 
-Every error a user can fix (a wrong setting, a missing file or package, a damaged or foreign
-checkpoint, a busy workdir) is a :class:`UserError`; the command-line tools print its message as
-one line and exit with status 1. Anything else (an internal bug, an out-of-memory error of XLA)
-keeps its full traceback. Set ``MSAD_JAX_DEBUG=1`` to get the traceback of user errors too.
-
-This module imports nothing of msad_jax, so every layer (models, data, training) can raise these.
+A :class:`UserError` is printed by the command-line tools as one line (exit status 1); anything
+else keeps its traceback. ``MSAD_JAX_DEBUG=1`` shows user errors' tracebacks too. Imports nothing
+of msad_jax, so every layer can raise these.
 """
 
 from __future__ import annotations
@@ -59,11 +56,7 @@ def one_line(err: BaseException) -> str:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turns a :class:`UserError` into one line on stderr and exit status 1.
-
-    Other exceptions pass through unchanged (with their traceback); with ``MSAD_JAX_DEBUG`` set
-    to anything but ``''`` or ``0``, user errors do too.
-    """
+    """Turns a :class:`UserError` into one line on stderr and exit status 1."""
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         yield
         return

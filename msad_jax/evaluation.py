@@ -1,12 +1,8 @@
 """Evaluation of a model on a one-class problem: features, kNN scores and metrics (SPEC §7).
 
-The gallery is phi of all normal training images (evaluation transform, no augmentation); a test
-image's anomaly score is the sum of squared distances from its phi to the ``k`` nearest gallery
-rows; ROC-AUC (label 1 = anomaly) is computed on the raw scores.
-
-Multi-host: every process extracts the features of its slice of each batch, receives the
-features of all processes (:func:`msad_jax.distributed.gather_rows`), and computes the same kNN
-scores and metrics.
+The gallery is phi of all normal training images; a test score is the sum of squared distances to
+the ``k`` nearest gallery rows. With several processes every process gets all features and
+computes the same scores.
 """
 
 from __future__ import annotations
@@ -73,11 +69,7 @@ def batch_size_for_devices(batch_size: int, num_devices: int) -> int:
 
 
 def _process_batches(images: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """This process's slices of the global evaluation batches of ``images``.
-
-    The global batch is rounded up to a multiple of all devices of all processes; each process
-    feeds its local devices its slice (multi-host: :mod:`msad_jax.distributed`).
-    """
+    """This process's slices of the global evaluation batches of ``images``."""
     devices = jax.local_device_count()
     processes = jax.process_count()
     return eval_batches(
@@ -92,10 +84,7 @@ def _process_batches(images: np.ndarray, batch_size: int) -> Iterator[dict[str, 
 def features_of(
     extractor: FeatureFn, variables: PyTree, images: np.ndarray, *, batch_size: int
 ) -> np.ndarray:
-    """phi of ``images`` (uint8 ``[N, H, W, 3]``) with replicated ``variables``.
-
-    With several processes every process passes all ``images`` and gets all features.
-    """
+    """phi of ``images`` (uint8 ``[N, H, W, 3]``) with replicated ``variables``."""
     return extract_features(extractor, variables, _process_batches(images, batch_size))
 
 
@@ -116,11 +105,7 @@ def gallery_and_center(
 def leave_one_out_scores(
     gallery: np.ndarray, k: int, *, memory_budget_bytes: int = knn.DEFAULT_MEMORY_BUDGET_BYTES
 ) -> np.ndarray:
-    """kNN scores of the gallery's own rows, each against the others (for thresholds).
-
-    Each row's nearest neighbour in the full gallery is itself (distance 0), so the ``k + 1``
-    nearest are found and the smallest is dropped.
-    """
+    """kNN scores of the gallery's own rows, each against the others (for thresholds)."""
     if len(gallery) <= k:
         raise ValueError(f"Need more than k={k} training images for leave-one-out scores.")
     distances = knn.knn_distances(gallery, gallery, k + 1, memory_budget_bytes=memory_budget_bytes)
@@ -150,9 +135,6 @@ def evaluate(
       memory_budget_bytes: kNN working-memory bound.
       center: also return the gallery's center.
       normalize_center: re-normalise that center (the angular term is on).
-
-    Returns:
-      The :class:`Evaluation`.
 
     Raises:
       NonFiniteFeaturesError: the model's features are not finite (no scores are computed).

@@ -1,12 +1,8 @@
 """Where a run's numbers go: a JSON-lines file, TensorBoard (when installed) and the log.
 
-``<workdir>/metrics.jsonl`` gets one JSON object per record (``{"step": ..., "loss": ...}`` during
-training, ``{"epoch": ..., "step": ..., "auroc": ...}`` after each evaluation). A resumed run
-continues the same file: the records of the steps after the checkpoint it resumes from (written
-before the run was stopped, and about to be written again) are dropped first, so every step is
-recorded exactly once however often the run is killed and resumed. TensorBoard event files go to
-``<workdir>/tensorboard`` when ``tensorboardX`` (no TensorFlow needed) is installed; their later
-steps are purged the same way.
+``<workdir>/metrics.jsonl`` gets one JSON object per record. A resumed run first drops the records
+after the checkpoint it resumes from, so every step is recorded once however often it is killed.
+TensorBoard files (``<workdir>/tensorboard``, when ``tensorboardX`` is installed) are purged alike.
 """
 
 from __future__ import annotations
@@ -30,10 +26,7 @@ def _plain(value: Any) -> Any:
 
 
 def keep_records_up_to(path: str | os.PathLike, step: int | None) -> None:
-    """Drops the records of ``path`` whose step is after ``step`` (None: drops them all).
-
-    The file is rewritten atomically, and only when something is dropped.
-    """
+    """Drops the records of ``path`` whose step is after ``step`` (None: drops them all)."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as handle:
@@ -60,8 +53,8 @@ class MetricWriter:
     Args:
       workdir: the run's folder.
       tensorboard: also write TensorBoard events when ``tensorboardX`` is importable.
-      resume_step: the step of the checkpoint the run resumes from: later records are dropped
-        (see the module doc); None for a run that starts from scratch (the file is emptied).
+      resume_step: the step of the checkpoint the run resumes from: later records are dropped (see
+        the module doc); None for a run that starts from scratch (the file is emptied).
     """
 
     def __init__(

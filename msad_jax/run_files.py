@@ -1,25 +1,11 @@
 """What a finished run leaves for inference: ``run.json`` and ``detector.npz``.
 
-Training (:mod:`msad_jax.train`) writes these files and inference (:mod:`msad_jax.detector`,
-:mod:`msad_jax.score`, :mod:`msad_jax.export`) reads them; this small module is all the two sides
-share, so scoring imports no training code (and neither orbax nor matplotlib).
-
-``detector.npz`` (NumPy ``.npz``, read with ``allow_pickle=False``) holds:
-
-- ``gallery``: phi of the normal training images ``[N, D]`` (the kNN gallery);
-- ``variables/<collection>/<module>/.../<name>``: the model's inference variables (parameters and
-  BatchNorm statistics) of the checkpoint the file was built from; files written before they were
-  stored here hold none, and the detector then reads that checkpoint;
-- ``checkpoint_step``: that checkpoint's step; ``knn_k``; ``image_side`` (side of the stored
-  training images);
-- the threshold: ``calibration_scores`` (scores of normal images the model did not score itself
-  against: leave-one-out scores of the gallery, or the scores of held-out normal training images),
-  ``calibration`` (``'leave_one_out'`` or ``'holdout'``), ``target_fpr`` and ``threshold``
-  (:func:`msad_jax.calibration.threshold_at_fpr` of the calibration scores); ``train_scores``
-  (leave-one-out scores of the gallery); files of older versions hold only ``train_scores`` and a
-  ``threshold`` that was a quantile of them;
-- ``test_scores``, ``test_labels``: the run's final test scores, for checks;
-- ``sha256``: :func:`detector_arrays_digest` of all the other arrays.
+The only module training and inference share, so scoring imports no training code.
+``detector.npz`` (read with ``allow_pickle=False``) holds ``gallery`` (phi of the normal training
+images), ``variables/...`` (inference variables; older files have none and name a checkpoint),
+``checkpoint_step``, ``knn_k``, ``image_side``, the threshold (``calibration_scores``,
+``calibration``, ``target_fpr``, ``threshold``; older files: ``train_scores`` and a quantile
+threshold), ``test_scores``/``test_labels``, and ``sha256`` of all the other arrays.
 """
 
 from __future__ import annotations
@@ -78,6 +64,14 @@ def unflatten_variables(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return tree
 
 
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes ``data`` via a temporary file renamed over ``path`` (a kill leaves the old one)."""
+    temporary = f"{os.fspath(path)}.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+    os.replace(temporary, path)
+
+
 def write_detector_file(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     """Writes ``arrays`` and their digest to ``path`` atomically (a kill leaves the old file)."""
     arrays = {**arrays, "sha256": np.asarray(detector_arrays_digest(arrays))}
@@ -87,12 +81,21 @@ def write_detector_file(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     os.replace(temporary, path)
 
 
+def recorded_detector_step(workdir: str) -> int | None:
+    """The checkpoint step ``<workdir>/detector.npz`` was built from (None: none recorded)."""
+    try:
+        with np.load(os.path.join(workdir, DETECTOR_FILE)) as saved:
+            return int(saved["checkpoint_step"]) if "checkpoint_step" in saved else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
 def read_detector_file(path: str) -> dict[str, np.ndarray]:
     """The arrays of a ``detector.npz``, verified against the digest stored in it.
 
     Raises:
-      CheckpointError: the file cannot be read, does not match its digest, lacks a required
-        array, or its gallery, threshold, calibration scores or variables are not finite.
+      CheckpointError: the file cannot be read, does not match its digest, lacks a required array,
+        or its gallery, threshold, calibration scores or variables are not finite.
     """
     remedy = "run the training again in the same workdir to rewrite it"
     try:

@@ -1,12 +1,8 @@
 """A run's workdir: checking its path, and the lock that keeps a second run out of it.
 
-The lock is a file, ``<workdir>/run.lock``, naming its holder (host, process id, the process's
-start time as the kernel records it, and the wall-clock time the run started). It is created
-atomically (``O_EXCL``) and removed when the run ends. A lock whose holder is gone -- same host,
-and no process with that id (or one started at another time: the id was reused) -- is stale, as
-after ``kill -9``, and is taken over. A lock held by a live process, or by a process on another
-host (whose liveness cannot be checked from here), is refused at once with one line naming the
-holder.
+``<workdir>/run.lock`` names its holder (host, pid, process start time) and is created with
+``O_EXCL``. A lock whose process is gone on this host (or whose pid was reused) is stale and taken
+over; a live holder, or one on another host, is refused with one line naming it.
 """
 
 from __future__ import annotations
@@ -49,10 +45,7 @@ def check_workdir_path(workdir: str | os.PathLike) -> None:
 
 
 def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of process ``pid`` (clock ticks since boot), or None if unknown.
-
-    Read from ``/proc/<pid>/stat`` (Linux); elsewhere None, and only the pid is compared.
-    """
+    """The kernel's start time of process ``pid`` (clock ticks since boot), or None if unknown."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
             stat = handle.read()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msad_jax import train
+from msad_jax import run_setup, train
 from msad_jax.checkpointing import RunCheckpoints
 from msad_jax.config import ConfigError, default_config
 from msad_jax.data.synthetic import synthetic_arrays
@@ -50,6 +50,23 @@ def test_preprocessing_and_frozen_overrides():
         "^conv1/",
         "^bn1/",
     )
+    # A tuple of regexes; a comma inside {m,n} is part of its regex, also in the string form.
+    wanted = ("^conv1/", "^layer[1-4]{1,2}/")
+    assert train.frozen_patterns(smoke_config(frozen=wanted), spec) == wanted
+    assert train.frozen_patterns(smoke_config(frozen="^conv1/,^layer[1-4]{1,2}/"), spec) == wanted
+    with pytest.raises(ConfigError, match="tuple of regexes"):
+        train.frozen_patterns(smoke_config(frozen=3), spec)
+
+
+def test_frozen_as_a_string_of_earlier_versions_is_the_same_run_as_its_tuple():
+    config = smoke_config(frozen=("^conv1/", "^bn1/"))
+    earlier = {**train.run_identity(config), "frozen": "^conv1/, ^bn1/"}
+    assert run_setup.saved_identity({"identity": earlier}) == train.run_identity(config)
+    other = {**earlier, "frozen": "^conv1/"}
+    with pytest.raises(train.CheckpointError, match="different config .*frozen"):
+        run_setup.check_identity(
+            run_setup.saved_identity({"identity": other}), train.run_identity(config)
+        )
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -1,30 +1,20 @@
 """Your own images: a directory or a .zip file (read without extracting) in one of two layouts.
 
-**Split layout** (``ROOT`` is the directory or the zip's top level; a zip whose files all sit in
-one top folder is entered automatically)::
+Split layout (a zip whose files sit in one top folder is entered automatically)::
 
     ROOT/train/<class>/**/<image>      normal training images, one folder per class
-    ROOT/test/<class>/**/<image>       test images; label 0 if <class> is the normal class, else 1
+    ROOT/test/<class>/**/<image>       label 0 if <class> is the normal class, else 1
 
-Each train class can be the normal class (one-vs-rest). Test folders that are not train classes
-(e.g. defect types) are always anomalies. Three common cases:
+Any train class can be the normal class; test folders that are not train classes (defect types)
+are always anomalies (e.g. ``train/good/``, ``test/good/``, ``test/<defect>/``).
 
-- class-per-folder data (e.g. CIFAR-10 as ``train/airplane/0000.jpg``): normal_class picks a class;
-- one normal class with named anomalies, MVTec-style: ``train/good/``, ``test/good/``,
-  ``test/<defect>/``;
-- the simple form: ``train/normal/``, ``test/normal/``, ``test/anomalous/``.
-
-**Category layout** (the MVTec AD root)::
+Category layout (MVTec AD)::
 
     ROOT/<category>/train/good/<image>
-    ROOT/<category>/test/<good|defect>/<image>     (ground_truth/ and other folders are ignored)
+    ROOT/<category>/test/<good|defect>/<image>     (other folders are ignored)
 
-Each category is one one-class problem (normal_class picks the category); within it ``good`` is
-normal and every other test folder is an anomaly.
-
-Classes are ordered by natural sort of the folder names (``class2`` < ``class10``), files within
-a class likewise. Files whose extension is not an image type, hidden files and ``__MACOSX`` are
-ignored; an image file that cannot be decoded raises an error naming it.
+Each category is one problem; ``good`` is normal. Names sort naturally (``class2 < class10``);
+non-image, hidden and ``__MACOSX`` files are ignored; an undecodable image raises, naming it.
 """
 
 from __future__ import annotations
@@ -113,11 +103,7 @@ def open_tree(path: str | os.PathLike) -> Iterator[FileTree]:
 
 
 def file_list_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of the sorted image files under ``path`` (directory or zip) and their byte sizes.
-
-    Adding, removing, renaming or resizing an image changes it; modification times do not, nor
-    does moving the folder.
-    """
+    """sha256 of the sorted image files under ``path`` (directory or zip) and their byte sizes."""
     digest = hashlib.sha256()
     with open_tree(path) as tree:
         for name in sorted(tree.files):
@@ -141,11 +127,7 @@ def _categories(tree: FileTree) -> list[str]:
 
 
 def resolve_root(tree: FileTree) -> FileTree:
-    """Enters a single top folder (common in zip files) while ROOT has no train/ folder.
-
-    A single MVTec category folder is therefore read in the split layout (its problem is named
-    after its train folder, 'good', rather than after the category).
-    """
+    """Enters a single top folder (common in zip files) while ROOT has no train/ folder."""
     while not _has_split_layout(tree):
         tops = _top_dirs(tree.files)
         if len(tops) != 1 or any("/" not in f for f in tree.files):
@@ -267,10 +249,9 @@ def load_folder(
     Args:
       path: directory or .zip file.
       normal_class: index or name of the normal class (or MVTec category).
-      image_size: common square side; None: images larger than 256 (longer side), or all
-        images when their sizes differ (train and test together), become 256x256 as they are
-        decoded, and images that all share one size up to 256 keep it. See
-        ``msad_jax.data.images``.
+      image_size: common square side; None: images larger than 256 (longer side), or all images when
+        their sizes differ (train and test together), become 256x256 as they are decoded, and images
+        that all share one size up to 256 keep it.
       num_workers: decoding threads.
 
     Returns:

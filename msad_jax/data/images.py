@@ -1,22 +1,10 @@
 """Host-side image decoding and size normalisation with Pillow.
 
-Every source (TFDS, folders, zip files, arrays) ends in uint8 RGB arrays of one common size. Rules:
-
-- Grayscale, palette, RGBA, CMYK, 16-bit ... become 3-channel RGB (Pillow ``convert('RGB')``; an
-  alpha channel is dropped, as torchvision's ``ImageFolder`` loader does).
-- Resizing (:func:`fit_square`) scales the shorter side to the target side (Pillow bilinear,
-  antialiased) and center-crops to a square, keeping the aspect ratio. With the ResNet evaluation
-  transform (shorter side 256, center crop 224) an image stored this way at 256 gives the same
-  pixels as the transform applied to the original file (for JPEGs larger than twice the target,
-  up to the small difference of the reduced-scale decoding below).
-- Files (:func:`decode_all`): with an explicit ``image_size`` every image is resized to it. Without
-  one, images whose longer side exceeds ``DEFAULT_IMAGE_SIZE`` (256) are resized to 256, and so
-  are all images when their sizes differ; images that all share one size of at most 256 keep
-  their native size (so 32x32 CIFAR files stay 32x32, pixel for pixel).
-- Resizing happens while decoding, one file at a time: a folder of huge images is never held at
-  full size. A JPEG is decoded directly at the smallest of its 1/2, 1/4, 1/8 scales that still
-  covers the target side (Pillow ``draft``, libjpeg's DCT scaling), then resized.
-- A file that Pillow cannot decode raises :class:`msad_jax.errors.InputError` naming the file.
+Every source ends in uint8 RGB of one size: other modes are converted (alpha dropped, as
+torchvision's loader does); :func:`fit_square` scales the shorter side (bilinear, antialiased) and
+center-crops. Without ``image_size``, images are resized to 256 only when larger or of mixed
+sizes (32x32 CIFAR files stay as they are). Files are resized while decoding, JPEGs at a reduced
+DCT scale first, so huge images are never held at full size.
 """
 
 from __future__ import annotations
@@ -43,9 +31,6 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 
 def fit_square(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
     """Resizes the shorter side to ``size`` (bilinear) and center-crops to ``size x size``.
-
-    Follows torchvision's ``Resize(size)`` + ``CenterCrop(size)`` geometry (the longer side is
-    ``int(size * long / short)``, the crop starts at ``int(round((long - size) / 2))``).
 
     Args:
       image: uint8 ``[H, W, 3]`` array or a Pillow image.
@@ -77,8 +62,8 @@ def decode_image(data: bytes, name: str, *, size: int | None = None) -> np.ndarr
     Args:
       data: the encoded file.
       name: the file's name, for the error message.
-      size: if given, the image is fitted to ``size x size`` (:func:`fit_square`) as it is
-        decoded; a large JPEG is decoded at a reduced scale first (see the module doc).
+      size: if given, the image is fitted to ``size x size`` (:func:`fit_square`) as it is decoded;
+        a large JPEG is decoded at a reduced scale first (see the module doc).
 
     Raises:
       InputError: naming ``name`` when Pillow cannot read the bytes.
@@ -127,8 +112,6 @@ def decode_all(
     num_workers: int | None = None,
 ) -> np.ndarray:
     """Reads and decodes ``names`` with a thread pool into one uint8 ``[N, S, S, 3]`` array.
-
-    Each image is resized as it is decoded, so at most one full-size image per thread is held.
 
     Args:
       names: file names, in output order.

@@ -1,14 +1,8 @@
 """TFDS datasets read with random access (``array_record``), no TensorFlow needed to read.
 
-Reading uses ``builder.as_data_source`` (what ``tfds.data_source`` does). Preparing a dataset the
-first time (download + conversion to ``array_record``) needs TensorFlow: ``pip install
-'msad_jax[tf]'``. Data lives in ``data_dir`` (default: ``$TFDS_DATA_DIR`` or
-``~/tensorflow_datasets``); files put in the manual directory (default
-``<data_dir>/downloads/manual``) under their original names are used instead of downloading, which
-is how to prepare a dataset on a machine without internet.
-
-``tfds.testing.mock_data`` works with these functions unchanged (it replaces
-``as_data_source``), which is how the tests run without data or network.
+Reading uses ``builder.as_data_source``. Preparing a dataset the first time needs TensorFlow
+(``pip install 'msad_jax[tf]'``), or the source files in the manual directory (default
+``<data_dir>/downloads/manual``) on a machine without internet.
 """
 
 from __future__ import annotations
@@ -23,8 +17,6 @@ import numpy as np
 from msad_jax.data.images import default_workers, fit_square
 from msad_jax.errors import InputError, MissingDependencyError, MissingInputError
 
-TFDS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "cats_vs_dogs")
-
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSpec:
@@ -33,7 +25,6 @@ class TfdsSpec:
     tfds_name: str
     label_key: str
     class_names: tuple[str, ...]
-    splits: tuple[str, ...]
 
 
 CIFAR10_CLASSES = (
@@ -85,10 +76,10 @@ FASHION_MNIST_CLASSES = (
 CATS_VS_DOGS_CLASSES = ("cat", "dog")
 
 SPECS: dict[str, TfdsSpec] = {
-    "cifar10": TfdsSpec("cifar10", "label", CIFAR10_CLASSES, ("train", "test")),
-    "cifar100": TfdsSpec("cifar100", "coarse_label", CIFAR100_SUPERCLASSES, ("train", "test")),
-    "fashion_mnist": TfdsSpec("fashion_mnist", "label", FASHION_MNIST_CLASSES, ("train", "test")),
-    "cats_vs_dogs": TfdsSpec("cats_vs_dogs", "label", CATS_VS_DOGS_CLASSES, ("train",)),
+    "cifar10": TfdsSpec("cifar10", "label", CIFAR10_CLASSES),
+    "cifar100": TfdsSpec("cifar100", "coarse_label", CIFAR100_SUPERCLASSES),
+    "fashion_mnist": TfdsSpec("fashion_mnist", "label", FASHION_MNIST_CLASSES),
+    "cats_vs_dogs": TfdsSpec("cats_vs_dogs", "label", CATS_VS_DOGS_CLASSES),
 }
 
 
@@ -203,8 +194,8 @@ def read_examples(
       indices: record indices to read, in output order.
       label_key: feature holding the class id.
       image_size: resize each image with ``fit_square`` (needed when sizes vary).
-      with_images: False reads labels (and file names) only; images are still decoded by TFDS
-        but dropped right away.
+      with_images: False reads labels (and file names) only; images are still decoded by TFDS but
+        dropped right away.
       num_workers: reader threads.
 
     Returns:
@@ -254,13 +245,6 @@ def cats_vs_dogs_split(
     seed: int = CATS_VS_DOGS_SEED,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fixed, seeded per-class train/test split of CatsVsDogs.
-
-    Per class, the examples are sorted by file name (ties by record index), so the split does not
-    depend on the record order of a particular preparation, then permuted with
-    ``numpy.random.Generator(PCG64(seed + class_id))``. The first ``test_per_class`` go to test
-    and the next ``train_per_class`` to train. TFDS's copy drops 1,738 corrupt Kaggle files, so a
-    class has about 11.6k images rather than 12.5k: test keeps its 2500 and train gets the rest
-    (fewer than 10000); ``OneClassData.counts()`` reports the numbers.
 
     Args:
       labels: class id per record.

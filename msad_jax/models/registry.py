@@ -1,24 +1,9 @@
 """Backbones by name: how to build each one, its preprocessing, frozen layers and weights.
 
-Everything that depends on the backbone is found here by name (``resnet18`` .. ``resnet152`` and a
-``resnet_tiny`` for tests and smoke runs): the Flax module, the evaluation preprocessing of SPEC §6,
-the parameters frozen during fine-tuning (SPEC §2) and the pretrained weights file.
-
-Defaults not fixed by the paper are chosen by family and documented here: ResNet-34 follows
-ResNet-18 (bicubic resize to 224, nothing frozen) and ResNet-50/101 follow ResNet-152 (resize 256,
-center crop 224, ``conv1``/``bn1``/``layer1``/``layer2`` frozen).
-
-Vision Transformers (:mod:`msad_jax.models.vit`): ``vit_small_patch16_224`` and
-``vit_base_patch16_224`` (timm's ImageNet-21k -> 1k weights), ``dinov2_vits14`` / ``vitb14`` /
-``vitl14`` and their ``_reg`` (4 register tokens) versions (Meta's DINOv2 weights in Hugging Face's
-layout), and ``vit_tiny`` for smoke runs. Their defaults, by analogy with ResNet-152 (which
-freezes its stem and first two of four stages): the patch embedding, CLS/register tokens,
-position embeddings and the first half of the blocks are frozen. Preprocessing is each weights'
-own evaluation transform: timm's ViTs resize to 248 (224 / crop fraction 0.9) and center-crop 224,
-bicubic, mean = std = 0.5; DINOv2 resizes to 256 and center-crops 224 (a multiple of the patch
-size 14: a 16 x 16 grid), bicubic, ImageNet mean/std, as Hugging Face's DINOv2 image processor.
-The suggested MSC learning rate of the ViTs (``BackboneSpec.learning_rate``) is a starting point,
-not a measured optimum.
+Defaults not fixed by the paper follow the family: ResNet-18/34 resize to 224 bicubic with nothing
+frozen; ResNet-50/101/152 resize 256, crop 224, freeze ``conv1``/``bn1``/``layer1``/``layer2``.
+ViTs and DINOv2 freeze the patch embedding, tokens, position embeddings and the first half of the
+blocks, use their weights' own evaluation transform and suggest a learning rate of 1e-4.
 """
 
 from __future__ import annotations
@@ -36,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from msad_jax.models import (
     convert,
     efficientnet_lite,
@@ -46,6 +30,7 @@ from msad_jax.models import (
     vit_weights,
     weight_files,
 )
+from msad_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +48,8 @@ class BackboneSpec:
       num_classes: classifier size of the pretrained weights (None: the weights have none).
       layout: key layout of the weights file: ``'torchvision'`` (also EfficientNet-Lite's package)
         or one of :data:`msad_jax.models.vit_weights.LAYOUTS`.
-      learning_rate: suggested MSC learning rate when it differs from the published 1e-5 (a
-        starting point, not a measured result), or None.
+      learning_rate: suggested MSC learning rate when it differs from the published 1e-5 (a starting
+        point, not a measured result), or None.
     """
 
     name: str
@@ -202,8 +187,6 @@ def backbone_spec(name: str) -> BackboneSpec:
 def build_backbone(name: str, **overrides: Any) -> nn.Module:
     """Builds the Flax module of backbone ``name``.
 
-    ``module.apply(variables, images_nhwc, train=False)`` returns pooled features ``[N, D]``.
-
     Args:
       name: one of :func:`list_backbones`.
       **overrides: module attributes, e.g. ``dtype=jnp.bfloat16`` or ``num_classes=1000``.
@@ -212,10 +195,7 @@ def build_backbone(name: str, **overrides: Any) -> nn.Module:
 
 
 def variable_shapes(model: nn.Module, image_size: int) -> dict[str, Any]:
-    """Abstract ``{'params', 'batch_stats'}`` of ``model`` (``jax.ShapeDtypeStruct`` leaves).
-
-    Includes the classifier when the model has ``num_classes``; nothing is computed.
-    """
+    """Abstract ``{'params', 'batch_stats'}`` of ``model`` (``jax.ShapeDtypeStruct`` leaves)."""
     with_logits = getattr(model, "num_classes", None) is not None
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return jax.eval_shape(
@@ -245,11 +225,6 @@ def _init_leaf(
 
 def init_variables(model: nn.Module, image_size: int, seed: int = 0) -> dict[str, Any]:
     """Randomly initialised ``{'params', 'batch_stats'}`` (float32 NumPy arrays).
-
-    Draws torchvision's initialisation with NumPy instead of calling ``model.init`` (ViTs:
-    torch's ``nn.Linear`` default, position/CLS/register embeddings N(0, 0.02), layer scale 1):
-    the result is the same kind of network, and it avoids compiling the random-number kernels of
-    every parameter (tens of seconds on a CPU, even for a tiny model).
 
     Args:
       model: a backbone from :func:`build_backbone` (with its classifier if it has ``num_classes``).
@@ -300,9 +275,6 @@ def convert_weights(
 ) -> dict[str, Any]:
     """Converts a state dict in backbone ``name``'s weights layout (``BackboneSpec.layout``).
 
-    Like :func:`from_torchvision` (which it calls for torchvision-layout backbones); for ViTs the
-    timm, original DINOv2 and Hugging Face layouts of :mod:`msad_jax.models.vit_weights`.
-
     Raises:
       StateDictMismatchError: listing every missing, unexpected or mis-shaped key.
       ValueError: a classifier was asked of weights that have none.
@@ -323,7 +295,7 @@ def convert_vit_weights(
     """Converts ViT backbone ``name``'s weights from any layout of ``vit_weights.LAYOUTS``.
 
     Args:
-      state_dict: key -> array, e.g. from :func:`msad_jax.models.vit_weights.read_state_dict`.
+      state_dict: key -> array, e.g. from :func:`msad_jax.models.weight_files.load_state_dict`.
       name: a ViT backbone name.
       layout: ``'timm'``, ``'dinov2'``, ``'hf_vit'`` or ``'hf_dinov2'``.
       with_classifier: keep timm's ``head``; default: when the state dict has one.
@@ -367,9 +339,6 @@ def load_pretrained(
 ) -> dict[str, Any]:
     """Pretrained ``{'params', 'batch_stats'}`` of backbone ``name`` (NumPy arrays).
 
-    Looks for the weights file in the cache (downloading it when online), verifies its hash,
-    converts it strictly, and caches the converted variables.
-
     Args:
       name: backbone name.
       cache_dir: cache folder; default ``$MSAD_JAX_CACHE`` or ``~/.cache/msad_jax``.
@@ -400,10 +369,7 @@ def load_pretrained(
                 return variables
         except (ValueError, OSError):
             pass  # A damaged conversion cache is rebuilt from the verified weights file below.
-    if spec.layout == "torchvision":
-        state_dict = weight_files.load_torch_checkpoint(path)
-    else:
-        state_dict = vit_weights.read_state_dict(path)
+    state_dict = weight_files.load_state_dict(path)
     variables = convert_weights(state_dict, name, with_classifier=with_classifier)
     with contextlib.suppress(OSError):  # A read-only cache only costs a re-conversion next time.
         pretrained.save_variables(variables, converted)

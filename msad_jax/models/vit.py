@@ -1,54 +1,4 @@
-"""Vision Transformers in Flax: ViT (timm layout) and DINOv2 (layer scale, register tokens).
-
-One module, :class:`VisionTransformer`, covers the pre-norm ViTs of timm
-(``vit_small_patch16_224``, ``vit_base_patch16_224``), Hugging Face ``ViTModel`` and DINOv2
-(``Dinov2Model`` / ``Dinov2WithRegistersModel`` and the original repository's ``dinov2_vits14``...):
-
-* patch embedding: a ``p x p`` convolution with stride ``p`` and a bias, computed as a reshape
-  and one matrix product (the same arithmetic; rows and columns that do not fill a patch are
-  dropped, like torch's convolution);
-* tokens ``[CLS, registers..., patches]``; learned absolute position embeddings added to the CLS
-  token (unless ``class_pos_embed=False``, timm's ``no_embed_class``) and to the patches, never to
-  the registers;
-* ``depth`` pre-norm blocks ``x + ls1(attn(norm1(x)))``, ``x + ls2(mlp(norm2(x)))`` with a fused
-  ``qkv`` projection, exact (erf) GELU and optional layer scale (DINOv2);
-* a final LayerNorm; the features are its CLS token (``pooling='cls'``) or the CLS token
-  concatenated with the mean of the patch tokens (``pooling='cls_mean'``, DINOv2's linear-probe
-  features; registers are left out of the mean).
-
-Position embeddings are stored for a square ``pos_grid x pos_grid`` patch grid (14 for ViT-B/16
-at 224 px, 37 for DINOv2 at 518 px) and resampled to the input's grid exactly as the reference
-implementations do it with ``torch.nn.functional.interpolate`` (bicubic, ``align_corners=False``),
-through precomputed resampling matrices (:func:`resample_matrix`), so gradients reach the stored
-embeddings:
-
-==============================================  ==============  ===========================
-reference                                       ``antialias``   ``interpolation_offset``
-==============================================  ==============  ===========================
-timm (``dynamic_img_size=True``), every model   True            0 (``size=``)
-Hugging Face ``Dinov2WithRegistersModel``       True            0
-Hugging Face ``Dinov2Model``, ``ViTModel``      False           0
-original DINOv2 repository, without registers   False           0.1 (``scale_factor=``)
-original DINOv2 repository, with registers      True            0
-==============================================  ==============  ===========================
-
-torch's antialiased bicubic uses the Keys kernel with ``a = -0.5`` and PIL's support scaling;
-the plain one uses ``a = -0.75`` with clamped borders, so the two differ even when upsampling.
-The original DINOv2 code (without registers) passes ``scale_factor = (grid + 0.1) / pos_grid``,
-which samples at slightly different points than Hugging Face's ``size=grid``: the models agree at
-518 px and differ slightly at other sizes. No resampling happens when the input grid equals the
-stored one.
-
-Parameter names follow timm's state-dict keys (``blocks.3.attn.qkv.weight`` lives at
-``params['blocks']['3']['attn']['qkv']['kernel']``); :mod:`msad_jax.models.vit_weights` converts
-timm, Hugging Face and original DINOv2 files strictly.
-
-Mixed precision: with ``dtype=jnp.bfloat16`` the matrix products, attention and GELU run in
-bfloat16 (attention logits and softmax in float32, as ``jax.nn.dot_product_attention`` does),
-LayerNorm statistics in float32; parameters and the residual stream stay float32. There is no
-dropout or stochastic depth (the pretrained models are used at rate 0 for MSC); ``train`` is
-accepted for interface compatibility and changes nothing.
-"""
+"""Vision Transformers in Flax: ViT (timm layout) and DINOv2 (layer scale, register tokens)."""
 
 from __future__ import annotations
 
@@ -111,10 +61,6 @@ def resample_matrix(
 ) -> np.ndarray:
     """The ``[out_size, in_size]`` matrix of torch's 1-D bicubic resampling (float64).
 
-    ``interpolate(x, size=out, mode='bicubic', align_corners=False, antialias=...)`` along one
-    axis equals ``matrix @ x``; with ``offset > 0`` the matrix is that of
-    ``scale_factor=(out_size + offset) / in_size`` (the output size is still ``out_size``).
-
     Args:
       in_size: length of the input axis.
       out_size: length of the output axis.
@@ -162,10 +108,7 @@ def _layer_norm(eps: float, name: str, dtype: Dtype) -> nn.LayerNorm:
 
 
 class PatchProjection(nn.Module):
-    """timm's ``patch_embed.proj``: a stride-``p`` ``p x p`` convolution as one matrix product.
-
-    The kernel is stored in Flax's convolution layout ``[p, p, 3, D]`` (HWIO).
-    """
+    """timm's ``patch_embed.proj``: a stride-``p`` ``p x p`` convolution as one matrix product."""
 
     patch_size: int
     features: int
@@ -295,7 +238,7 @@ class Blocks(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """A ViT / DINOv2 backbone returning the final normed CLS token (see the module docstring).
+    """A pre-norm ViT / DINOv2 backbone returning the final normed CLS token.
 
     Attributes:
       patch_size: side of the square patches.

@@ -1,28 +1,12 @@
 """Strict conversion of ViT / DINOv2 weights (timm, Hugging Face, original DINOv2) to Flax.
 
-:class:`msad_jax.models.vit.VisionTransformer` names its parameters after timm's state-dict keys.
-Four source layouts are understood:
-
-* ``'timm'``: timm's ``VisionTransformer`` (``blocks.0.attn.qkv.weight``, ``reg_token``, a
-  ``head`` classifier), e.g. ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``;
-* ``'dinov2'``: the original DINOv2 checkpoints (``dinov2_vits14_pretrain.pth``): timm's names
-  with ``register_tokens`` for ``reg_token`` and an unused ``mask_token``;
-* ``'hf_dinov2'``: Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel``
-  (``encoder.layer.0.attention.attention.query.weight``, ``layer_scale1.lambda1``...; separate
-  query/key/value projections are fused into ``qkv``; ``embeddings.mask_token`` is unused);
-* ``'hf_vit'``: Hugging Face ``ViTModel`` (``layernorm_before``, ``intermediate.dense``...; the
-  unused ``pooler`` may be present).
-
-Conversion is strict: every expected key must be there with the expected shape and nothing else
-(apart from the unused keys named above); all problems are reported in one
-:class:`msad_jax.models.convert.StateDictMismatchError`. Layouts: Flax ``[p, p, 3, D]`` patch
-kernels are torch's ``[D, 3, p, p]`` transposed, Dense kernels ``[in, out]`` are torch's
-``[out, in]`` transposed, everything else is copied as is.
+Layouts: ``'timm'`` (timm's keys, optional ``head``), ``'dinov2'`` (the original checkpoints:
+``register_tokens``, unused ``mask_token``), ``'hf_dinov2'`` and ``'hf_vit'`` (Hugging Face;
+separate query/key/value projections are fused into ``qkv``).
 """
 
 from __future__ import annotations
 
-import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -30,7 +14,7 @@ from typing import Any
 import flax
 import numpy as np
 
-from msad_jax.models import convert, weight_files
+from msad_jax.models import convert
 
 LAYOUTS = ("timm", "dinov2", "hf_vit", "hf_dinov2")
 
@@ -166,27 +150,3 @@ def convert_state_dict(
         array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         flat[path] = np.ascontiguousarray(_from_torch(array, path[-1])).astype(leaf.dtype)
     return flax.traverse_util.unflatten_dict(flat)
-
-
-def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """Reads ``.safetensors`` (``safetensors.numpy``) or a torch checkpoint (no pickle globals).
-
-    Raises:
-      WeightFileError: the file is damaged or in no supported format.
-    """
-    path = pathlib.Path(path)
-    with path.open("rb") as handle:
-        head = handle.read(16)
-    if len(head) >= 9 and head[8:9] == b"{":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, TypeError, ValueError) as err:
-            message = " ".join(str(err).split())
-            raise weight_files.WeightFileError(
-                f"{path}: not a readable safetensors file ({message}); delete it and download "
-                "it again."
-            ) from None
-    return weight_files.load_torch_checkpoint(path)

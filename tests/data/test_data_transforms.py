@@ -19,14 +19,12 @@ import torchvision.transforms as T
 from PIL import Image
 
 from msad_jax.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Preprocessing,
     eval_geometry,
     eval_transform,
     make_preprocess_fn,
     resize_crop_weights,
 )
+from msad_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 RESNET152 = Preprocessing(resize=256, crop=224, method="bilinear")
 RESNET18 = Preprocessing(resize=224, crop=None, method="bicubic")

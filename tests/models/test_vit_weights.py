@@ -22,7 +22,7 @@ from msad_jax.models import (
     pretrained,
     vit_weights,
 )
-from msad_jax.models.weight_files import WeightFileError
+from msad_jax.models.weight_files import WeightFileError, load_state_dict
 
 TINY = {"patch": 4, "dim": 32, "depth": 2, "heads": 2, "image": 32}  # the vit_tiny backbone
 
@@ -68,7 +68,7 @@ def _features_match(pair, variables):
 def test_file_saved_by_transformers_converts(tmp_path, hf_dinov2):
     pair, _ = hf_dinov2
     pair.torch_model.save_pretrained(tmp_path)
-    state = vit_weights.read_state_dict(tmp_path / "model.safetensors")
+    state = load_state_dict(tmp_path / "model.safetensors")
     assert "encoder.layer.1.attention.attention.value.weight" in state  # the Hub's key names
     assert "embeddings.mask_token" in state  # present, unused
     variables = vit_weights.convert_state_dict(state, pair.template(), "hf_dinov2")
@@ -78,7 +78,7 @@ def test_file_saved_by_transformers_converts(tmp_path, hf_dinov2):
 def test_timm_checkpoint_is_read_without_unpickling_code(tmp_path, timm_tiny):
     pair, state = timm_tiny
     torch.save(pair.torch_model.state_dict(), tmp_path / "weights.pth")
-    loaded = vit_weights.read_state_dict(tmp_path / "weights.pth")
+    loaded = load_state_dict(tmp_path / "weights.pth")
     assert loaded.keys() == state.keys()
     with_head = convert_weights(loaded, "vit_tiny")  # keeps the head the file has
     _assert_same(with_head, pair.variables())
@@ -93,7 +93,7 @@ def test_damaged_safetensors_file_is_one_line(tmp_path, timm_tiny):
     save_file(state, str(path))
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(WeightFileError, match="not a readable safetensors file") as info:
-        vit_weights.read_state_dict(path)
+        load_state_dict(path)
     assert "\n" not in str(info.value)
 
 
