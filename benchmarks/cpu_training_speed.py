@@ -154,7 +154,11 @@ def run_profile(argv: Sequence[str]) -> dict[str, Any]:
         ]
         subprocess.run(command, check=True, cwd=REPO)
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            record = json.load(handle)
+    # The command as anyone reruns it from the repository root (no paths of this run).
+    shown = ["python benchmarks/profile_train_step.py", *command[2:-1]]
+    record["command"] = " ".join(shown)
+    return record
 
 
 _AUROC = re.compile(r"done: ROC-AUC ([\d.]+)%")
