@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).parent.parent / "msad_jax"
 
 # The bottom layer and the modules it may use besides itself.
 LOWER = ("msad_jax.models", "msad_jax.losses", "msad_jax.knn", "msad_jax.metrics", "msad_jax.data")
-BASE = ("msad_jax.errors", "msad_jax.preprocessing", "msad_jax.digest")
+BASE = ("msad_jax.errors", "msad_jax.preprocessing", "msad_jax.digest", "msad_jax.cpu_flags")
 INFERENCE = ("msad_jax.detector", "msad_jax.export", "msad_jax.score")
 TRAINING = (
     "msad_jax.train",

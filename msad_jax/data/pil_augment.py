@@ -42,7 +42,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from msad_jax.data import augment
-from msad_jax.data.transforms import Preprocessing, normalize
+from msad_jax.data.transforms import normalize
+from msad_jax.preprocessing import Preprocessing
 
 VIEWS = 2
 CHUNK = 4  # images per worker task

@@ -30,12 +30,8 @@ from PIL import Image
 
 from msad_jax.data.pil_augment import default_workers
 from msad_jax.data.protocols import OneClassData
-from msad_jax.data.transforms import (
-    Preprocessing,
-    eval_geometry,
-    make_preprocess_fn,
-    normalize,
-)
+from msad_jax.data.transforms import eval_geometry, make_preprocess_fn, normalize
+from msad_jax.preprocessing import Preprocessing
 
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 

@@ -22,7 +22,7 @@ from scipy import stats
 from msad_jax.data import augment as A
 from msad_jax.data import pil_augment as P
 from msad_jax.data.pipeline import train_batches
-from msad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from msad_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 SIZE = 16
 PREP = Preprocessing(resize=SIZE, crop=None, method="bilinear")

@@ -16,9 +16,10 @@ from msad_jax import evaluation
 from msad_jax.data import pil_eval
 from msad_jax.data.protocols import OneClassData
 from msad_jax.data.synthetic import synthetic_arrays
-from msad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, eval_transform
+from msad_jax.data.transforms import eval_transform
 from msad_jax.features import make_feature_extractor
 from msad_jax.models import build_backbone, from_torchvision
+from msad_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from msad_jax.train_step import replicate_state
 
 
