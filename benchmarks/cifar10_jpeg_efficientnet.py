@@ -468,10 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return
         doc = results(finished)
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        records.write_json(args.output.with_suffix(".json"), doc)
-        # The page from the record as stored, exactly what render_results.py generates.
-        stored = records.read_json(args.output.with_suffix(".json"))
-        args.output.with_suffix(".md").write_text(markdown(stored))
+        records.publish(args.output, doc, markdown)
 
     for done, (index, method) in enumerate(grid):
         config = ml_collections.ConfigDict(base.to_dict())

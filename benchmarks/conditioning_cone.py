@@ -114,10 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "git": records.git_state(),
         "finished": records.timestamp(),
     }
-    records.write_json(args.output.with_suffix(".json"), document)
-    text = markdown(records.read_json(args.output.with_suffix(".json")))
-    args.output.with_suffix(".md").write_text(text)
-    print(text)
+    print(records.publish(args.output, document, markdown))
 
 
 if __name__ == "__main__":

@@ -124,10 +124,7 @@ def main() -> None:
         "git": records.git_state(),
         "finished": records.timestamp(),
     }
-    records.write_json(args.output.with_suffix(".json"), document)
-    text = markdown(records.read_json(args.output.with_suffix(".json")))
-    args.output.with_suffix(".md").write_text(text)
-    print(text)
+    print(records.publish(args.output, document, markdown))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -168,3 +168,18 @@ def write_json(path: str | os.PathLike, record: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     """Reads one record."""
     return json.loads(pathlib.Path(path).read_text())
+
+
+def publish(output: str | os.PathLike, record: Any, markdown: Callable[[Any], str]) -> str:
+    """Writes ``<output>.json`` and the page ``<output>.md`` rendered from the stored record.
+
+    The page is made from the record as read back, exactly what ``render_results.py`` generates.
+
+    Returns:
+      The page's text.
+    """
+    output = pathlib.Path(output)
+    write_json(output.with_suffix(".json"), record)
+    text = markdown(read_json(output.with_suffix(".json")))
+    output.with_suffix(".md").write_text(text)
+    return text
