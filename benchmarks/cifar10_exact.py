@@ -28,6 +28,10 @@ never replaced by a run with other settings (``run_records.py``). Every run runs
 Markdown report is regenerated (``cifar10_exact_report.py``; the README section only when that
 script is run by hand).
 
+Pilot (``--pilot_lrs 1e-3,3e-3``): class 0, MSC, seed 0 for ``--pilot_epochs`` epochs at each
+rate, records in ``<results>/pilot/``, in the workdirs the grid uses (a grid run at a piloted rate
+resumes from there).
+
 The grid, in the order it runs (most informative first): classes 0, 3, 8 at ``--lr`` (MSC and
 standard contrastive, seed 0); the PyTorch reference of those six runs; the published lr
 ``--published_lr`` on classes 0, 3, 8; the other seven classes at ``--lr``; seed 1 on 0, 3, 8.
@@ -294,13 +298,36 @@ def compactness(center: np.ndarray, gallery: np.ndarray) -> dict[str, float]:
     }
 
 
+# Besides train.RESUME_KEYS, what a finished report in a workdir must agree on to be reused.
+REPORT_KEYS = ("epochs", "max_steps", "knn_k", "eval_every_epochs", "image_size")
+
+
+def finished_report(config, workdir: pathlib.Path) -> dict[str, Any] | None:
+    """The product's ``report.json`` in ``workdir`` if it is a finished run of ``config``.
+
+    (A run the product finished already, e.g. a pilot started from the command line, is read
+    instead of being evaluated once more.)
+    """
+    from msad_jax.train import RESUME_KEYS, RUN_INFO_FILE
+
+    report_file, info_file = workdir / "report.json", workdir / RUN_INFO_FILE
+    if not (report_file.is_file() and info_file.is_file()):
+        return None
+    saved = json.loads(info_file.read_text(encoding="utf-8"))["config"]
+    if any(saved.get(k) != config[k] for k in (*RESUME_KEYS, *REPORT_KEYS)):
+        return None
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    evaluated = [h["epoch"] for h in report["history"] if "auroc" in h]
+    return report if evaluated and evaluated[-1] == config.epochs else None
+
+
 def run_jax(spec: RunSpec, config, workdir: pathlib.Path) -> dict[str, Any]:
     """Trains and evaluates one run through ``train_and_evaluate``; returns the record's body."""
     from msad_jax.checkpointing import RunCheckpoints
     from msad_jax.train import DETECTOR_FILE, train_and_evaluate
 
     resumed = (workdir / "checkpoints").exists()
-    report = train_and_evaluate(config, str(workdir))
+    report = finished_report(config, workdir) or train_and_evaluate(config, str(workdir))
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     try:
         center = np.asarray(checkpoints.restore_arrays()["center"])
@@ -602,6 +629,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry_run", action="store_true", help="list the grid and its status")
     parser.add_argument("--in_process", action="store_true", help="no child processes")
     parser.add_argument("--no_report", action="store_true", help="do not regenerate the report")
+    parser.add_argument(
+        "--pilot_lrs",
+        default="",
+        help="instead of the grid: class 0, MSC, seed 0 at these learning rates for "
+        "--pilot_epochs epochs (records in <results>/pilot; the grid resumes their workdirs)",
+    )
+    parser.add_argument("--pilot_epochs", type=int, default=3)
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--skip_hash_check", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -639,8 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_classes=args.num_classes,
         first_classes=[c for c in FIRST_CLASSES if c < args.num_classes],
     )
-    by_name = {spec.name: spec for spec in grid}
     records = args.results / "records"
+    if args.pilot_lrs:
+        base.epochs = args.pilot_epochs
+        rates = [float(x) for x in args.pilot_lrs.split(",")]
+        grid = [RunSpec(base.backbone, 0, "msc", rate, 0, "jax") for rate in rates]
+        records = args.results / "pilot"
+    by_name = {spec.name: spec for spec in grid}
     if args.child:
         import jax
 
@@ -690,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{left} runs left, about {left * np.mean(durations) / 3600:.1f} h",
             flush=True,
         )
-        if not args.no_report:
+        if not args.no_report and not args.pilot_lrs:
             import cifar10_exact_report
 
             cifar10_exact_report.main(

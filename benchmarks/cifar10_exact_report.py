@@ -4,10 +4,11 @@ Reads ``<results>/records/*.json`` (one per run, written by ``cifar10_exact.py``
 ``<results>/epoch0/*.json`` (``cifar10_exact_epoch0.py``) and writes
 
 * ``<results>.md`` (``benchmarks/results/cifar10_exact.md``): the epoch-0 preprocessing table, the
-  per-class and mean table (pretrained kNN = epoch 0, MSC and standard contrastive after the last
-  epoch), the same at the published learning rate, the seeds, the ROC-AUC after every epoch of
-  every run, the agreement of the JAX runs with the PyTorch reference trained on the same views
-  (max and mean absolute difference of ROC-AUC per epoch, in points), compactness, time and load;
+  pilot runs (``<results>/pilot/*.json``), the per-class and mean table (pretrained kNN = epoch 0,
+  MSC and standard contrastive after the last epoch), the same at the published learning rate, the
+  seeds, the ROC-AUC after every epoch of every run, the agreement of the JAX runs with the PyTorch
+  reference trained on the same views (max and mean absolute difference of ROC-AUC per epoch, in
+  points), compactness, time and load;
 * the README's real-data section, between the markers ``<!-- cifar10_exact:begin -->`` and
   ``<!-- cifar10_exact:end -->`` (unless ``--no_readme``).
 
@@ -409,6 +410,7 @@ def settings_lines(records: Sequence[dict[str, Any]]) -> list[str]:
 def markdown(
     records: Sequence[dict[str, Any]],
     epoch0: Sequence[dict[str, Any]],
+    pilot: Sequence[dict[str, Any]] = (),
     *,
     lr: float,
     published_lr: float,
@@ -442,6 +444,13 @@ def markdown(
         "variant normalises with (x - 127) / 128.",
         "",
         *epoch0_lines(epoch0),
+        "",
+        "## Pilot: class 0, MSC, seed 0, per learning rate",
+        "",
+        "Short runs that chose the learning rate and the number of epochs (`--pilot_lrs`); "
+        "the grid's runs at a piloted rate continue from them.",
+        "",
+        *curve_lines(pilot),
         "",
         f"## One-class ROC-AUC %, learning rate {lr:g}, seed 0",
         "",
@@ -564,7 +573,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     records = load_records(args.results / "records")
     epoch0 = load_records(args.results / "epoch0")
-    text = markdown(records, epoch0, lr=args.lr, published_lr=args.published_lr)
+    pilot = load_records(args.results / "pilot")
+    text = markdown(records, epoch0, pilot, lr=args.lr, published_lr=args.published_lr)
     args.results.with_suffix(".md").write_text(text, encoding="utf-8")
     if not args.no_readme:
         section = readme_section(records, epoch0, lr=args.lr, published_lr=args.published_lr)

@@ -232,6 +232,12 @@ def test_jax_run_writes_its_record_and_is_skipped_afterwards(tmp_path, monkeypat
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was run again")
 
+    import msad_jax.train
+
+    # Without its record, the finished product run in the workdir is read, not trained again.
+    (tmp_path / "rec" / f"{spec.name}.json").unlink()
+    monkeypatch.setattr(msad_jax.train, "train_and_evaluate", must_not_run)
+    assert cifar10_exact.execute(spec, base, **kwargs)["auroc"] == record["auroc"]
     monkeypatch.setattr(cifar10_exact, "run_jax", must_not_run)
     assert cifar10_exact.execute(spec, base, **kwargs)["auroc"] == record["auroc"]
     with pytest.raises(run_records.RecordMismatchError, match="epochs"):
