@@ -60,6 +60,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repository's own msad_jax, also for the child processes, whatever is installed.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import exact_cifar  # noqa: E402
 import run_records  # noqa: E402
@@ -622,7 +624,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", type=pathlib.Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--results", type=pathlib.Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--lr", type=float, default=1e-3, help="the higher learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="the higher learning rate (default: the config's)"
+    )
     parser.add_argument("--published_lr", type=float, default=1e-5)
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--only", default="", help="comma-separated run names")
@@ -662,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from msad_jax.config import ConfigError, validate_config
 
     base.data_dir = str(args.workdir / ZIP_NAME)
+    if args.lr is None:
+        args.lr = base.learning_rate
     try:
         validate_config(base)
     except ConfigError as err:

@@ -577,7 +577,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=pathlib.Path, default=DEFAULT_RESULTS)
     parser.add_argument("--readme", type=pathlib.Path, default=README)
     parser.add_argument("--no_readme", action="store_true")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="the grid's higher rate")
     parser.add_argument("--published_lr", type=float, default=1e-5)
     return parser.parse_args(argv)
 

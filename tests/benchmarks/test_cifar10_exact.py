@@ -374,7 +374,7 @@ def test_report_tables_match_numpy_on_the_records(tmp_path):
         run_records.write_record(tmp_path / "records" / f"{record['name']}.json", record)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\nafter\n")
-    report.main(["--results", str(tmp_path), "--readme", str(readme)])
+    report.main(["--results", str(tmp_path), "--readme", str(readme), "--lr", "1e-3"])
 
     pre = np.mean([curves[(c, "msc")][0] for c in (0, 3, 8)])
     msc = np.mean([curves[(c, "msc")][-1] for c in (0, 3, 8)])
@@ -393,11 +393,11 @@ def test_report_tables_match_numpy_on_the_records(tmp_path):
     assert new.startswith("intro\n") and new.endswith("\nafter\n") and "old table" not in new
     np.testing.assert_allclose(_mean_row(new, report.BEGIN), expected, atol=0.006)
     assert f"at most {100 * diff.max():.2f} points" in " ".join(new.split())  # wrapped prose
-    report.main(["--results", str(tmp_path), "--readme", str(readme)])
+    report.main(["--results", str(tmp_path), "--readme", str(readme), "--lr", "1e-3"])
     assert readme.read_text() == new  # regenerating from the same records changes nothing
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
-        report.main(["--results", str(tmp_path), "--readme", str(readme)])
+        report.main(["--results", str(tmp_path), "--readme", str(readme), "--lr", "1e-3"])
 
 
 def test_epoch0_class_metrics_match_numpy_knn_and_sklearn():
