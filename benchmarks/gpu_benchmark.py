@@ -14,8 +14,7 @@ alternated, compilation excluded and reported separately):
 * model FLOP utilisation: FLOPs per call from XLA's cost analysis of the compiled JAX programs
   (the same work is done by PyTorch, so the same count is used for both), divided by the time
   and by the datasheet peak of an H100/H200 SXM (dense: bf16 989 TFLOP/s, TF32 495, plain fp32
-  67; ``/work/.library/device/H200.md`` and KINDS.md report ~790 TFLOP/s measured for a bf16
-  8192^3 matmul).
+  67).
 
 "float32" means float32 storage with TensorFloat-32 tensor-core math allowed on both sides
 (JAX's default precision on NVIDIA GPUs; PyTorch ``allow_tf32 = True``), the peak used for MFU is
@@ -25,14 +24,19 @@ plain fp32 peak.
 Budget: built to finish in well under 8 minutes on one H200 (two worker processes start and
 compile in parallel; ``--repetitions`` x ``--calls`` timed calls per task afterwards).
 
+Vision Transformers: ``--backbone dinov2_vits14`` (or ``vit_base_patch16_224``,
+``dinov2_vitb14``...) runs the same table for a ViT: random weights on both sides; PyTorch runs
+torchvision's ``VisionTransformer`` of the same size (``benchmarks/vit_reference.py``); both
+sides freeze msad_jax's default parameters.
+
 ``--small`` runs tiny sizes (ResNet-18 at 64x64, batch 4, kNN 512 x 128 x 64) so the script can
 be exercised on a CPU in about a minute; its numbers mean nothing.
 
-Running it on the lent H200 (its image has JAX, Flax, Optax, PyTorch, torchvision, chex; carry
-the one missing pure-Python dependency, dm-pix, as a wheel; see benchmarks/RESULTS.md)::
+Running it on a GPU machine with the packages of ``setup.cfg`` plus torch and torchvision (where
+JAX and PyTorch are there but dm-pix is not, ``pip install --no-deps dm-pix==0.4.5`` suffices)::
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_benchmark.py --out $OUT/gpu.md
+    python benchmarks/gpu_benchmark.py --out gpu.md
+    python benchmarks/gpu_benchmark.py --backbone dinov2_vits14 --out gpu_dinov2.md
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def jax_setup(args: argparse.Namespace):
     from msad_jax.data.transforms import make_preprocess_fn
     from msad_jax.features import make_feature_extractor
     from msad_jax.knn import knn_scores
-    from msad_jax.models import backbone_spec, build_backbone, from_torchvision
+    from msad_jax.models import backbone_spec, build_backbone, from_torchvision, init_variables
     from msad_jax.train_step import replicate_state
 
     if args.strict_fp32:
@@ -123,7 +127,10 @@ def jax_setup(args: argparse.Namespace):
         if not args.small
         else dataclasses.replace(spec.preprocessing, resize=s["size"], crop=None)
     )
-    variables = from_torchvision(state_dict_numpy(name), name, with_classifier=False)
+    if spec.layout == "torchvision":
+        variables = from_torchvision(state_dict_numpy(name), name, with_classifier=False)
+    else:  # ViTs: random weights on both sides
+        variables = init_variables(build_backbone(name), s["size"], seed=0)
     dim = build_backbone(name).feature_dim
     view1, view2, center, images, gallery, queries = _inputs(s, dim)
     n = jax.local_device_count()
@@ -180,8 +187,9 @@ def jax_setup(args: argparse.Namespace):
 def torch_setup(args: argparse.Namespace):
     import torch
     from torch_reference import MSCStep, eval_features, torch_backbone
+    from vit_reference import torch_vit
 
-    from msad_jax.models import backbone_spec
+    from msad_jax.models import backbone_spec, build_backbone
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tf32 = not args.strict_fp32
@@ -193,8 +201,12 @@ def torch_setup(args: argparse.Namespace):
     spec = backbone_spec(name)
     resize, crop = (s["size"], None) if args.small else (spec.preprocessing.resize, 224)
     mode = "bicubic" if spec.preprocessing.method == "bicubic" else "bilinear"
-    dim = harness.feature_dim(name)
+    dim = build_backbone(name).feature_dim
     view1, view2, center, images, gallery, queries = _inputs(s, dim)
+    vit = spec.layout != "torchvision"
+
+    def backbone() -> torch.nn.Module:
+        return torch_vit(name, image_size=s["size"]) if vit else torch_backbone(name)
 
     def nchw(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
@@ -207,13 +219,14 @@ def torch_setup(args: argparse.Namespace):
     tasks = {}
     for dtype_name in DTYPES:
         autocast = torch.bfloat16 if dtype_name == "bfloat16" else None
-        model = torch_backbone(name).to(device)
-        step = MSCStep(model, center_t, frozen=spec.frozen, autocast_dtype=autocast)
+        model = backbone().to(device)  # a ViT comes with its frozen parameters set
+        frozen = () if vit else spec.frozen
+        step = MSCStep(model, center_t, frozen=frozen, autocast_dtype=autocast)
 
         def train(step=step) -> float:
             return float(step(v1, v2))
 
-        eval_model = torch_backbone(name).to(device)
+        eval_model = backbone().to(device)
 
         def extract(eval_model=eval_model, autocast=autocast) -> float:
             phi = eval_features(

@@ -222,7 +222,7 @@ def alternate(
     repetitions: int,
     calls: Mapping[str, int] | None = None,
     cooldown_s: float = 0.5,
-    log_dir: str = "/tmp",
+    log_dir: str = os.environ.get("BENCHMARK_LOG_DIR", "/tmp"),
     timeout_s: float = 3600.0,
     progress: bool = True,
     parallel_start: bool = False,
@@ -390,6 +390,25 @@ def throughput_table(
     return lines
 
 
+def session_record(session: Session, contenders: Sequence[Contender]) -> dict[str, Any]:
+    """Everything a timed session measured, as a JSON-ready dict (the raw record of a result).
+
+    Holds per contender its environment additions and ready message (first-call seconds, first
+    results) and per (contender, task) every repetition's wall and CPU seconds and load; plus
+    the load averages, the duration, the machine and the versions.
+    """
+    return {
+        "machine": machine_info(),
+        "load_before": list(session.load_before),
+        "load_after": list(session.load_after),
+        "seconds": session.seconds,
+        "contenders": {
+            c.name: {"env": dict(c.env), "ready": session.ready.get(c.name, {})} for c in contenders
+        },
+        "measurements": [dataclasses.asdict(m) for m in session.measurements.values()],
+    }
+
+
 def worker_argv(script: str, *args: str) -> list[str]:
     """``[script, *args]`` with the script's absolute path."""
     return [os.path.abspath(script), *args]
@@ -440,7 +459,12 @@ def add_common_arguments(
         )
     parser.add_argument("--xla_flags", default=os.environ.get("XLA_FLAGS", ""))
     if jax_variants:
-        parser.add_argument("--jax_variant", action="append", default=[], help="NAME=XLA_FLAGS")
+        parser.add_argument(
+            "--jax_variant",
+            action="append",
+            default=[],
+            help="NAME=SPEC: one more JAX contender; SPEC holds XLA flags and VAR=VALUE words",
+        )
     if channels_last:
         parser.add_argument(
             "--torch_channels_last_too",
@@ -467,6 +491,26 @@ def forward_flags(args: argparse.Namespace, *names: str) -> list[str]:
     return flags
 
 
+def variant_env(spec: str) -> dict[str, str]:
+    """The environment of a ``--jax_variant`` spec: its ``VAR=VALUE`` words and its XLA flags.
+
+    Words starting with ``--`` are XLA flags (joined into ``XLA_FLAGS``, empty when there are
+    none); a word ``NAME=VALUE`` whose name is an upper-case identifier sets that variable, e.g.
+    ``"MSAD_JAX_CPU_CONVOLUTIONS=0 --xla_cpu_use_onednn=true"``.
+    """
+    env: dict[str, str] = {}
+    flags = []
+    for word in spec.split():
+        name, equals, value = word.partition("=")
+        if word.startswith("--"):
+            flags.append(word)
+        elif equals and name.isidentifier() and name.isupper():
+            env[name] = value
+        else:
+            raise ValueError(f"--jax_variant word {word!r} is neither --XLA_FLAG nor VAR=VALUE")
+    return {**env, "XLA_FLAGS": " ".join(flags)}
+
+
 def standard_contenders(
     script: str,
     base_args: Sequence[str],
@@ -480,7 +524,8 @@ def standard_contenders(
       script: the benchmark script the workers run (``__file__``).
       base_args: worker arguments both frameworks get (see :func:`forward_flags`).
       args: the coordinator's options (from :func:`add_common_arguments`): ``xla_flags`` for
-        ``jax``, ``jax_variant`` (``NAME=XLA_FLAGS`` each), ``torch_channels_last_too``.
+        ``jax``, ``jax_variant`` (``NAME=SPEC`` each, see :func:`variant_env`),
+        ``torch_channels_last_too``.
       jax_env: more environment variables for every JAX worker.
 
     Returns:
@@ -488,14 +533,11 @@ def standard_contenders(
     """
     base = worker_argv(script, *base_args)
     extra = dict(jax_env or {})
-    variants = [("jax", args.xla_flags)]
+    variants = [("jax", {"XLA_FLAGS": args.xla_flags})]
     for variant in args.jax_variant:
-        name, _, flags = variant.partition("=")
-        variants.append((f"jax[{name}]", flags))
-    out = [
-        Contender(name, [*base, "--worker=jax"], {**extra, "XLA_FLAGS": flags})
-        for name, flags in variants
-    ]
+        name, _, spec = variant.partition("=")
+        variants.append((f"jax[{name}]", variant_env(spec)))
+    out = [Contender(name, [*base, "--worker=jax"], {**extra, **env}) for name, env in variants]
     out.append(Contender("torch", [*base, "--worker=torch"]))
     if args.torch_channels_last_too:
         out.append(Contender("torch[channels_last]", [*base, "--worker=torch", "--channels_last"]))
@@ -577,7 +619,9 @@ def dispatch(
 
 
 def feature_dim(backbone: str) -> int:
-    """Pooled feature size of a torchvision ResNet: 512 (ResNet-18/34) or 2048."""
+    """Pooled feature size: 512 (ResNet-18/34), 1280 (EfficientNet-Lite) or 2048."""
+    if backbone.startswith("efficientnet_lite"):
+        return 1280
     return 512 if backbone in ("resnet18", "resnet34") else 2048
 
 

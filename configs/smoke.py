@@ -1,13 +1,15 @@
-"""Smoke run: tiny ResNet, random init, synthetic gratings; the whole flow in seconds on a CPU.
+"""Smoke run: tiny ResNet, random init, synthetic gratings; the whole flow, small enough for CI.
 
 Command::
 
-    python -m msad_jax.main --config configs/smoke.py --workdir /tmp/msad_smoke
+    python -m msad_jax.main --config configs/smoke.py --workdir runs/smoke
 
-Expected: finishes in well under a minute on a laptop CPU (2 epochs of 7 steps); prints ROC-AUC
-at epoch 0 and after each epoch (any value in [0, 1] -- random weights, so only the plumbing is
-being tested) and writes report.json/.md, roc.png, scores.png, training.png, metrics.jsonl,
-checkpoints/ and detector.npz to the workdir.
+What it does: 2 epochs of 7 steps; prints the ROC-AUC at epoch 0 and after each epoch and writes
+report.json/.md, roc.png, scores.png, training.png, metrics.jsonl, checkpoints/ and detector.npz
+to the workdir (``tests/test_main.py`` runs it).
+
+Results: none to compare. The weights are random, so the ROC-AUC is any value in [0, 1]; only the
+flow is being tested.
 """
 
 from msad_jax.config import default_config

@@ -1,31 +1,4 @@
-"""Multi-host start-up and cross-process helpers (one process per host, ``jax.distributed``).
-
-A multi-host run starts the same program on every host. Each process calls :func:`initialize`
-before anything touches a JAX device; afterwards ``jax.devices()`` lists the devices of all
-processes, ``jax.local_devices()`` this process's, and collectives inside ``jax.pmap``
-(``lax.psum``, ``lax.all_gather``) run over all devices of all processes: a pmapped function is
-called by every process with its *local* share (leading axis = local device count), and the
-mapped axis spans the devices of all processes in process order. On CPU the cross-process
-collectives are Gloo's (``jax_cpu_collectives_implementation``).
-
-How the rest of msad_jax uses this:
-
-* the data pipeline gives each process the ``process_index``-th slice of every global batch;
-* the center's sum and count are ``lax.psum``-reduced inside the pmapped feature function, so they
-  are global; the features themselves (kNN gallery and test features) are all-gathered to every
-  process with :func:`gather_rows`, in input order, so every process computes the same kNN scores
-  and metrics;
-* checkpoints: every process calls orbax's save and restore (orbax synchronises them); host NumPy
-  state is written by process 0 only, into a directory that all processes must see (a shared
-  file system or a bucket);
-* reports, plots, metric logs and the detector file are written by process 0 only
-  (:func:`is_main_process`).
-
-Settings come from arguments or, when an argument is None, from the environment:
-``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and
-``JAX_PROCESS_ID``. With none of them set, the run is single-process and nothing is initialised
-(unless ``auto=True``, which lets JAX detect a SLURM, Open MPI or Cloud TPU environment).
-"""
+"""Multi-host start-up and cross-process helpers (one process per host, ``jax.distributed``)."""
 
 from __future__ import annotations
 
@@ -34,6 +7,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+
+from msad_jax.errors import InputError
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
@@ -47,7 +22,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        raise InputError(f"environment variable {name}={value!r} must be an integer") from None
 
 
 def resolve_settings(
@@ -55,14 +30,16 @@ def resolve_settings(
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> tuple[str | None, int | None, int | None]:
-    """Fills unset arguments from the environment variables named in the module doc.
+    """Fills unset arguments from the environment (``JAX_COORDINATOR_ADDRESS`` and the like).
+
+    The variables are ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
 
     Returns:
       ``(coordinator_address, num_processes, process_id)``, each None when given nowhere.
 
     Raises:
-      ValueError: for values that cannot be right (non-integers, ``process_id`` outside
-        ``[0, num_processes)``, a coordinator address without a port).
+      ValueError: for values that cannot be right (non-integers, ``process_id`` outside ``[0,
+        num_processes)``, a coordinator address without a port).
     """
     coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ENV) or None
     if num_processes is None:
@@ -70,14 +47,14 @@ def resolve_settings(
     if process_id is None:
         process_id = _env_int(PROCESS_ID_ENV)
     if coordinator_address is not None and ":" not in coordinator_address:
-        raise ValueError(
+        raise InputError(
             f"coordinator address {coordinator_address!r} needs a port: pass host:port of "
             "process 0, e.g. 10.0.0.1:12345"
         )
     if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes={num_processes} must be >= 1")
+        raise InputError(f"num_processes={num_processes} must be >= 1")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-        raise ValueError(
+        raise InputError(
             f"process_id={process_id} must lie in [0, num_processes={num_processes}); number the "
             "processes 0, 1, ..., num_processes - 1"
         )
@@ -94,9 +71,6 @@ def initialize(
     timeout_s: int = 300,
 ) -> bool:
     """Starts ``jax.distributed`` when this is one process of a multi-process run.
-
-    Call it first, before any JAX computation. Arguments left None are read from the environment
-    (see the module doc). A run with one process and no coordinator needs no initialisation.
 
     Args:
       coordinator_address: ``host:port`` of process 0 (its coordinator service listens there).
@@ -129,7 +103,7 @@ def initialize(
         return False
     missing = [k for k, v in given.items() if v is None]
     if missing and not auto:
-        raise ValueError(
+        raise InputError(
             f"multi-process settings incomplete: {', '.join(missing)} not given; pass "
             "--coordinator_address, --num_processes and --process_id (or set "
             f"{COORDINATOR_ENV}, {NUM_PROCESSES_ENV}, {PROCESS_ID_ENV}), or --distributed_auto "
@@ -184,9 +158,6 @@ def interleave_rows(gathered: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def gather_rows(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The valid rows of all processes' batches, in global input order.
-
-    Every process passes its own rows of the same global batches; every process gets all of them.
-    In a single-process run this is ``values[mask]`` (flattened over batches).
 
     Args:
       values: ``[n_batches, rows, ...]`` this process's rows of each global batch (same shape on

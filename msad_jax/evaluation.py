@@ -1,12 +1,8 @@
 """Evaluation of a model on a one-class problem: features, kNN scores and metrics (SPEC §7).
 
-The gallery is phi of all normal training images (evaluation transform, no augmentation); a test
-image's anomaly score is the sum of squared distances from its phi to the ``k`` nearest gallery
-rows; ROC-AUC (label 1 = anomaly) is computed on the raw scores.
-
-Multi-host: every process extracts the features of its slice of each batch, receives the
-features of all processes (:func:`msad_jax.distributed.gather_rows`), and computes the same kNN
-scores and metrics.
+The gallery is phi of all normal training images; a test score is the sum of squared distances to
+the ``k`` nearest gallery rows. With several processes every process gets all features and
+computes the same scores.
 """
 
 from __future__ import annotations
@@ -24,6 +20,19 @@ from msad_jax.data.protocols import OneClassData
 from msad_jax.features import FeatureFn, extract_features, extract_features_and_center
 
 PyTree = Any
+
+
+class NonFiniteFeaturesError(ValueError):
+    """The model gives NaN or infinite features: its parameters, not the scorer, are at fault."""
+
+
+def check_finite_features(features: np.ndarray, what: str) -> None:
+    """Raises :class:`NonFiniteFeaturesError` if ``features`` hold a NaN or infinity."""
+    bad = int(np.sum(~np.isfinite(features).all(axis=-1)))
+    if bad:
+        raise NonFiniteFeaturesError(
+            f"{bad} of {len(features)} {what} have NaN or infinite features"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +69,7 @@ def batch_size_for_devices(batch_size: int, num_devices: int) -> int:
 
 
 def _process_batches(images: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """This process's slices of the global evaluation batches of ``images``.
-
-    The global batch is rounded up to a multiple of all devices of all processes; each process
-    feeds its local devices its slice (multi-host: :mod:`msad_jax.distributed`).
-    """
+    """This process's slices of the global evaluation batches of ``images``."""
     devices = jax.local_device_count()
     processes = jax.process_count()
     return eval_batches(
@@ -79,10 +84,7 @@ def _process_batches(images: np.ndarray, batch_size: int) -> Iterator[dict[str, 
 def features_of(
     extractor: FeatureFn, variables: PyTree, images: np.ndarray, *, batch_size: int
 ) -> np.ndarray:
-    """phi of ``images`` (uint8 ``[N, H, W, 3]``) with replicated ``variables``.
-
-    With several processes every process passes all ``images`` and gets all features.
-    """
+    """phi of ``images`` (uint8 ``[N, H, W, 3]``) with replicated ``variables``."""
     return extract_features(extractor, variables, _process_batches(images, batch_size))
 
 
@@ -103,11 +105,7 @@ def gallery_and_center(
 def leave_one_out_scores(
     gallery: np.ndarray, k: int, *, memory_budget_bytes: int = knn.DEFAULT_MEMORY_BUDGET_BYTES
 ) -> np.ndarray:
-    """kNN scores of the gallery's own rows, each against the others (for thresholds).
-
-    Each row's nearest neighbour in the full gallery is itself (distance 0), so the ``k + 1``
-    nearest are found and the smallest is dropped.
-    """
+    """kNN scores of the gallery's own rows, each against the others (for thresholds)."""
     if len(gallery) <= k:
         raise ValueError(f"Need more than k={k} training images for leave-one-out scores.")
     distances = knn.knn_distances(gallery, gallery, k + 1, memory_budget_bytes=memory_budget_bytes)
@@ -138,8 +136,8 @@ def evaluate(
       center: also return the gallery's center.
       normalize_center: re-normalise that center (the angular term is on).
 
-    Returns:
-      The :class:`Evaluation`.
+    Raises:
+      NonFiniteFeaturesError: the model's features are not finite (no scores are computed).
     """
     if center:
         gallery, mean = gallery_and_center(
@@ -153,6 +151,8 @@ def evaluate(
         gallery = features_of(extractor, variables, data.train_images, batch_size=batch_size)
         mean = None
     test = features_of(extractor, variables, data.test_images, batch_size=batch_size)
+    check_finite_features(gallery, "training images")
+    check_finite_features(test, "test images")
     scores = np.asarray(
         knn.knn_scores(gallery, test, k, memory_budget_bytes=memory_budget_bytes), np.float64
     )

@@ -1,21 +1,4 @@
-"""Feature extraction and the center of the normal features (SPEC §2-3).
-
-phi(x) = f(x) / max(||f(x)||, 1e-12) with f the backbone's pooled features (BatchNorm in inference
-mode, evaluation preprocessing). The center is the mean of phi over all normal training images,
-computed once with the pretrained model; it is re-normalised only when the angular term is used.
-
-Eval batches come from the host pipeline with a leading device axis: ``{'image': uint8
-[n_devices, b, H, W, 3], 'mask': bool [n_devices, b]}``; flattening ``[n_devices, b]`` in row-major
-order gives input order, and mask False marks padding. The pmapped extractor returns phi per device
-plus the masked feature sum and count, already reduced over devices with ``lax.psum``. The host loop
-does not block per batch: device results are fetched in groups, and the per-batch sums are added in
-float64 on the host.
-
-Multi-host (:mod:`msad_jax.distributed`): each process feeds its local devices its slice of every
-global batch (``eval_batches(..., process_index, process_count)``); the pmapped ``psum`` then runs
-over the devices of all processes, so sum and count (hence the center) are global, and the
-features of all processes are all-gathered to every process in input order.
-"""
+"""Feature extraction and the center of the normal features (SPEC §2-3)."""
 
 from __future__ import annotations
 
@@ -83,10 +66,6 @@ def make_feature_extractor(
 ) -> FeatureFn:
     """The pmapped feature function over the local devices.
 
-    Call it as ``extractor(variables, batch)`` with replicated ``variables`` (leading device axis,
-    e.g. ``msad_jax.train_step.replicate_state({'params': ..., 'batch_stats': ...})``) and a
-    sharded eval batch ``{'image': [n_devices, b, H, W, 3], 'mask': [n_devices, b]}``.
-
     Args:
       model: Flax backbone.
       preprocess_fn: evaluation preprocessing (runs on device).
@@ -118,37 +97,25 @@ def _run(
     extractor: FeatureFn,
     variables: PyTree,
     batches: Iterable[Mapping[str, Any]],
-    *,
-    keep_features: bool,
     group_size: int,
-) -> tuple[np.ndarray | None, np.ndarray, int]:
-    """Runs the extractor over all batches; returns (features or None, float64 sum, count)."""
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Runs the extractor over all batches; returns (features, float64 sum, count)."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     chunks: list[np.ndarray] = []
     masks: list[np.ndarray] = []
-    total: np.ndarray | None = None
+    sums: list[np.ndarray] = []
     count = 0
     pending: list[tuple[dict[str, jax.Array], np.ndarray]] = []
 
     def flush() -> None:
-        nonlocal total, count
-        if not pending:
-            return
-        wanted = [
-            {k: v for k, v in out.items() if keep_features or k != "phi"} for out, _ in pending
-        ]
-        fetched = jax.device_get(wanted)
-        for host, (_, mask) in zip(fetched, pending, strict=True):
-            # sum/count are psum-reduced over the devices of all processes, hence identical on
-            # every device: take device 0's copy.
-            batch_sum = np.asarray(host["sum"][0], dtype=np.float64)
-            total = batch_sum if total is None else total + batch_sum
+        nonlocal count
+        for host, mask in jax.device_get(pending):
+            # sum/count are psum-reduced over all devices, hence identical: take device 0's.
+            sums.append(np.asarray(host["sum"][0], dtype=np.float64))
             count += int(host["count"][0])
-            if keep_features:
-                phi = host["phi"]
-                chunks.append(phi.reshape(-1, phi.shape[-1]))
-                masks.append(mask.reshape(-1))
+            chunks.append(host["phi"].reshape(-1, host["phi"].shape[-1]))
+            masks.append(mask.reshape(-1))
         pending.clear()
 
     for batch in batches:
@@ -157,15 +124,11 @@ def _run(
         if len(pending) >= group_size:
             flush()
     flush()
-    if total is None:
+    if not sums:
         raise ValueError("no batches were given; pass a non-empty iterable of eval batches")
-    features = None
-    if keep_features:
-        # This process's rows of every batch; with several processes, every process receives
-        # all processes' rows, in input order.
-        features = distributed.gather_rows(np.stack(chunks), np.stack(masks))
-        features = features.astype(np.float32, copy=False)
-    return features, total, count
+    # This process's rows of every batch; with several processes every process gets all rows.
+    features = distributed.gather_rows(np.stack(chunks), np.stack(masks))
+    return features.astype(np.float32, copy=False), np.sum(sums, axis=0), count
 
 
 def center_from_sum(total: np.ndarray, count: int, *, normalize: bool = False) -> np.ndarray:
@@ -208,34 +171,7 @@ def extract_features(
     Returns:
       float32 ``[N, D]``.
     """
-    features, _, _ = _run(extractor, variables, batches, keep_features=True, group_size=group_size)
-    return features
-
-
-def compute_center(
-    extractor: FeatureFn,
-    variables: PyTree,
-    batches: Iterable[Mapping[str, Any]],
-    *,
-    normalize: bool = False,
-    group_size: int = 16,
-) -> np.ndarray:
-    """Mean of phi over all valid images (SPEC §3), without fetching the features.
-
-    Args:
-      extractor: from :func:`make_feature_extractor`.
-      variables: replicated model variables (the pretrained model).
-      batches: eval batches of the normal training images.
-      normalize: re-normalise to unit length (pass ``normalize=angular``).
-      group_size: number of batches fetched from the devices at once.
-
-    Returns:
-      float32 ``[D]``.
-    """
-    _, total, count = _run(
-        extractor, variables, batches, keep_features=False, group_size=group_size
-    )
-    return center_from_sum(total, count, normalize=normalize)
+    return _run(extractor, variables, batches, group_size)[0]
 
 
 def extract_features_and_center(
@@ -258,7 +194,5 @@ def extract_features_and_center(
     Returns:
       ``(features float32 [N, D], center float32 [D])``.
     """
-    features, total, count = _run(
-        extractor, variables, batches, keep_features=True, group_size=group_size
-    )
+    features, total, count = _run(extractor, variables, batches, group_size)
     return features, center_from_sum(total, count, normalize=normalize)

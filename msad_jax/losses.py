@@ -1,27 +1,18 @@
 """Contrastive losses of Mean-Shifted Contrastive anomaly detection (SPEC §4 and §10).
 
-All functions are pure ``jax.numpy`` and work on float32 feature matrices. The NT-Xent loss used
-here treats every one of the ``2B`` vectors of a two-view batch as an anchor; the denominator of an
-anchor runs over all ``2B - 1`` other vectors (its positive included) and the loss is the mean over
-anchors:
-
-    L = 1/(2B) * sum_i [ -z_i.z_p(i) / tau + log sum_{j != i} exp(z_i.z_j / tau) ]
-
-It splits exactly into an alignment term (the first summand) and a uniformity term (the second).
-
-Padding: every function takes an optional boolean ``mask`` over the ``B`` images (False =
-padding). A padded image is neither an anchor nor a negative, and the mean runs over the valid
-anchors only, so the loss of a padded batch equals the loss of the batch without its padding.
-
-The building block :func:`nt_xent_rows` computes the per-anchor terms for a *subset* of anchors
-against a *set* of candidates; the multi-device training step uses it to evaluate only its local
-anchors against the globally gathered batch.
+NT-Xent treats all ``2B`` vectors of a two-view batch as anchors and splits exactly into alignment
+and uniformity terms. An optional boolean ``mask`` marks padding, which is neither anchor nor
+negative, so a padded batch has the loss of the unpadded one. :func:`nt_xent_rows` scores a subset
+of anchors against all candidates (the multi-device step evaluates its local anchors with it).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+LOSSES = ("msc", "contrastive")
+"""The losses a run can train with (``config.loss``): MSC, or standard NT-Xent on phi."""
 
 # Logit given to excluded pairs (the anchor itself, padded candidates). Finite, so rows in which
 # every candidate is excluded stay finite (and NaN-free under differentiation); exp() of it is 0.
@@ -31,9 +22,7 @@ _EXCLUDED_LOGIT = -1e30
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Divides each row by its L2 norm, as ``torch.nn.functional.normalize``.
 
-    Computes ``x / max(||x||_2, eps)`` along the last axis. The clamp is applied to the squared norm
-    (``sqrt(max(||x||^2, eps^2))``), which gives the same value but keeps the gradient finite (zero)
-    for an all-zero row.
+    The clamp is on the squared norm, which keeps the gradient of an all-zero row finite.
 
     Args:
       x: array ``[..., D]``.
@@ -58,13 +47,8 @@ def nt_xent_rows(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-anchor NT-Xent terms of a set of anchors against a set of candidates.
 
-    With logits ``s_j = a.c_j / tau`` over the candidates ``j`` other than ``self_index`` (the
-    anchor's own row among the candidates) and other than candidates whose ``candidate_mask`` is
-    False, the anchor's loss is ``-s_p + log sum_j exp(s_j)`` where ``p = positive_index``. It is
-    computed as ``log sum_j exp(s_j - s_p)``, which never forms the two large intermediate terms
-    (better conditioned when the vectors are nearly collinear). The split ``align = -s_p`` and
-    ``uniform = log sum_j exp(s_j)`` is returned as well; ``align + uniform == loss`` up to
-    rounding. Inputs are used as given (normalise them beforehand).
+    The loss is computed as ``logsumexp(s_j - s_p)``, never forming the two large terms it is the
+    difference of (better conditioned for nearly collinear vectors); ``align + uniform == loss``.
 
     Args:
       anchors: ``[A, D]`` float array.
@@ -120,9 +104,6 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     Args:
       values: ``[N]`` float.
       mask: ``[N]`` bool.
-
-    Returns:
-      Scalar.
     """
     zero = jnp.zeros_like(values)
     count = jnp.maximum(jnp.sum(mask.astype(values.dtype)), 1)
@@ -139,12 +120,6 @@ def align_uniform_terms(
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Splits NT-Xent on ``z = [z1; z2]`` into its alignment and uniformity terms (SPEC §10).
-
-    ``align = -(1/2B) sum_i z_i.z_p(i) / tau`` and
-    ``uniform = (1/2B) sum_i log sum_{j != i} exp(z_i.z_j / tau)``; ``align + uniform`` equals
-    :func:`contrastive_loss` on already normalised inputs (up to float32 rounding). The inputs are
-    used as given (not normalised here), which is what the conditioning study needs for phi and
-    for theta.
 
     Args:
       z1: ``[B, D]`` first view.
@@ -205,9 +180,6 @@ def mean_shifted_contrastive_loss(
       center: ``[D]`` center of the normal features (unit-norm only when the angular term is used).
       temperature: ``tau``.
       mask: optional ``[B]`` bool, False for padding.
-
-    Returns:
-      Scalar loss.
     """
     return _nt_xent(mean_shift(phi1, center), mean_shift(phi2, center), temperature, mask)
 
@@ -220,17 +192,11 @@ def angular_center_loss(
 ) -> jax.Array:
     """Angular center term: ``mean_b ||phi1_b - c||^2 + mean_b ||phi2_b - c||^2`` (SPEC §4).
 
-    The vectors are used as given: pass unit-norm features and the unit-norm center, for which this
-    equals ``4 - 2 * (mean phi1.c + mean phi2.c)``.
-
     Args:
       phi1: ``[B, D]`` features of the first view.
       phi2: ``[B, D]`` features of the second view.
       center: ``[D]`` unit-norm center.
       mask: optional ``[B]`` bool, False for padding.
-
-    Returns:
-      Scalar loss.
     """
     if phi1.shape != phi2.shape or phi1.ndim != 2:
         raise ValueError(

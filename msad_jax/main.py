@@ -2,14 +2,19 @@
 
 Config values are overridden on the command line, e.g. ``--config.normal_class=3`` or
 ``--config.normal_class=all``. A run started again with the same ``--workdir`` resumes.
-Misconfiguration (unknown key or dataset, missing weights or data offline, corrupt checkpoint)
-ends with a one-line message and exit status 1, without a traceback.
+Misconfiguration (unknown key or dataset, missing weights or data offline, a damaged or foreign
+checkpoint, a workdir in use) ends with a one-line message and exit status 1, without a traceback
+(``MSAD_JAX_DEBUG=1`` shows it); any other error keeps its traceback.
 
 Multi-host: start the same command on every host (one process per host) with
 ``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (or the environment
 variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), or with
 ``--distributed_auto`` under SLURM / Open MPI / Cloud TPU; ``--workdir`` must be a folder all
 hosts share. See :mod:`msad_jax.distributed`.
+
+On a CPU the models train with msad_jax's CPU lowering (:mod:`msad_jax.models.cpu_lowering`) and
+XLA's Eigen convolutions (:mod:`msad_jax.cpu_flags`); ``--nocpu_lowering`` (or
+``MSAD_JAX_CPU_LOWERING=0``) turns both off.
 """
 
 from __future__ import annotations
@@ -41,29 +46,15 @@ _DISTRIBUTED_AUTO = flags.DEFINE_bool(
     False,
     "Multi-host: let JAX detect the cluster (SLURM, Open MPI, Cloud TPU) when nothing is set.",
 )
-_CPU_EIGEN_CONVOLUTIONS = flags.DEFINE_bool(
-    "cpu_eigen_convolutions",
-    False,
-    "CPU speed-up (opt-in): run XLA:CPU convolutions with Eigen instead of YNNPACK, whose "
-    "weight-gradient convolutions are slow; see benchmarks/RESULTS.md.",
+_CPU_LOWERING = flags.DEFINE_bool(
+    "cpu_lowering",
+    True,
+    "On a CPU, train with msad_jax's lowering of depthwise/1x1 convolutions and max-pooling and "
+    "with XLA's Eigen convolutions (several times faster, same results up to float rounding); "
+    "--nocpu_lowering uses XLA's defaults. Same as MSAD_JAX_CPU_LOWERING=0. See "
+    "benchmarks/RESULTS.md.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-# XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default; its weight-gradient
-# convolutions (huge window, tiny output) run 2-3x slower than Eigen's. Removing the
-# convolution fusion type sends all convolutions to Eigen again (float32 either way; the
-# summation order, hence the last bits, differ).
-EIGEN_CONVOLUTIONS_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-
-
-def use_eigen_convolutions() -> None:
-    """Adds :data:`EIGEN_CONVOLUTIONS_FLAG` to ``XLA_FLAGS`` (before JAX starts a backend).
-
-    An explicit ``--xla_cpu_experimental_ynn_fusion_type`` already in ``XLA_FLAGS`` wins.
-    """
-    current = os.environ.get("XLA_FLAGS", "")
-    if "--xla_cpu_experimental_ynn_fusion_type" not in current:
-        os.environ["XLA_FLAGS"] = f"{current} {EIGEN_CONVOLUTIONS_FLAG}".strip()
 
 
 def _check_config_file(argv: list[str]) -> None:
@@ -84,9 +75,15 @@ def _check_config_file(argv: list[str]) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """Parses flags; a bad override or config file ends with one line and exit status 1."""
+    """Parses flags; a bad override or config file ends with one line and exit status 1.
+
+    ``--help`` prints the usage and exits with status 0.
+    """
+    from msad_jax import console
     from msad_jax.config import check_keys
 
+    if console.wants_help(argv):
+        return console.parse_absl_flags(argv)
     overrides = [a[len("--config.") :].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     try:
         check_keys(key.split(".")[0] for key in overrides)
@@ -102,11 +99,11 @@ def main(argv: list[str]) -> None:
     """Runs :func:`msad_jax.train.train_and_evaluate` with the parsed config."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from msad_jax import distributed
+    from msad_jax import console, cpu_flags, distributed
     from msad_jax.errors import user_errors
 
-    if _CPU_EIGEN_CONVOLUTIONS.value:
-        use_eigen_convolutions()
+    if not _CPU_LOWERING.value:
+        cpu_flags.switch_off()  # before anything starts JAX's CPU backend
     with user_errors():
         # Before anything touches a device: join the other processes of a multi-host run.
         distributed.initialize(
@@ -119,9 +116,8 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # quiet libraries (orbax logs every save at INFO)
     main_process = distributed.is_main_process()
-    std_logging.getLogger("msad_jax").setLevel(
-        std_logging.INFO if main_process else std_logging.WARNING
-    )
+    # The library's lines go through tqdm.write: they never land on the progress bar.
+    console.log_to_console(level=std_logging.INFO if main_process else std_logging.WARNING)
     with user_errors():
         result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if not main_process:

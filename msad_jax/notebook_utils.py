@@ -182,14 +182,14 @@ def enable_compilation_cache(directory: str | os.PathLike) -> str:
 
 
 def show_library_logs(level: int = logging.INFO) -> None:
-    """Shows msad_jax's progress messages (ROC-AUC per epoch) in the notebook."""
-    logger = logging.getLogger("msad_jax")
-    logger.setLevel(level)
-    if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+    """Shows msad_jax's progress messages (ROC-AUC per epoch) in the notebook.
+
+    The lines are written with ``tqdm.write`` (:func:`msad_jax.console.log_to_console`), so they
+    stay clear of a progress bar; calling this again keeps one handler.
+    """
+    from msad_jax.console import log_to_console
+
+    log_to_console(level=level, fmt="%(message)s", datefmt=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,10 +419,11 @@ def threshold_tradeoff(
 ) -> list[dict[str, float]]:
     """What each threshold quantile of the normal training scores flags (``score > threshold``).
 
-    The threshold of quantile ``q`` is ``np.quantile(train_scores, q)`` -- how
-    :class:`msad_jax.detector.Detector` sets its threshold from the leave-one-out scores of the
-    normal training images (``train_scores`` in ``detector.npz``) -- so about ``1 - q`` of normal
-    images are false alarms.
+    The threshold of quantile ``q`` is ``np.quantile(train_scores, q)``, so about ``1 - q`` of
+    normal images are false alarms. (:class:`msad_jax.detector.Detector` sets its threshold for a
+    target false-positive rate ``fpr`` from the same leave-one-out scores, ``train_scores`` in
+    ``detector.npz``, with the rank rule of :mod:`msad_jax.calibration`; ``Detector.with_fpr``
+    gives another rate.)
 
     Args:
       train_scores: leave-one-out scores of the normal training images.

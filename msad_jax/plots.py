@@ -1,7 +1,7 @@
 """Plots of a run: ROC curve, score histograms, and loss / ROC-AUC per epoch (PNG files).
 
-Figures are built with :class:`matplotlib.figure.Figure` directly, not pyplot, so writing them
-neither needs a display nor changes the plotting backend of a notebook that imports this module.
+Built on :class:`matplotlib.figure.Figure`, not pyplot: no display needed, and a notebook's
+backend is left alone.
 """
 
 from __future__ import annotations

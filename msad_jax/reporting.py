@@ -1,10 +1,7 @@
-"""Per-class result tables (Markdown and CSV) with the published means of SPEC section 9.
+"""Reports in Markdown and CSV: one class's run, and per-class tables with the published means.
 
-Inputs are per-class results whose metrics are fractions in ``[0, 1]`` (what :mod:`msad_jax.metrics`
-returns); tables show them as percentages. Only the published *means* are listed (no per-class
-published numbers). Entries that SPEC section 9 calls approximate (everything from secondary
-tables: DN2, CatsVsDogs and Fashion-MNIST) are marked with ``~`` in Markdown and
-``approximate=true`` in CSV.
+Metrics are fractions in ``[0, 1]``, shown as percentages. Published values that SPEC section 9
+calls approximate (DN2, CatsVsDogs, Fashion-MNIST) are marked ``~`` (CSV: ``approximate=true``).
 """
 
 from __future__ import annotations
@@ -15,6 +12,10 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from msad_jax import calibration
+from msad_jax.data import tfds_sources
 
 DATASETS: dict[str, str] = {
     "cifar10": "CIFAR-10",
@@ -26,11 +27,8 @@ DATASETS: dict[str, str] = {
 """Dataset keys and display names."""
 
 NUM_CLASSES: dict[str, int] = {
-    "cifar10": 10,
-    "cifar100": 20,
-    "fashion_mnist": 10,
-    "cats_vs_dogs": 2,
-    "mvtec": 15,
+    **{name: len(spec.class_names) for name, spec in tfds_sources.SPECS.items()},
+    "mvtec": 15,  # the categories of MVTec AD
 }
 """Number of one-class experiments whose mean is the published figure (SPEC section 8)."""
 
@@ -46,66 +44,34 @@ class PublishedResult:
     note: str = ""
 
 
-def _published_table() -> dict[str, tuple[PublishedResult, ...]]:
-    """SPEC section 9, one tuple of entries per dataset key (no entry where the table has '-')."""
-    approx_note = "approximate (secondary table)"
-    rows: dict[str, list[PublishedResult]] = {key: [] for key in DATASETS}
+_PUBLISHED_ROWS = (  # SPEC section 9, columns in the order of DATASETS; None where it has '-'
+    ("DN2", "ResNet-152", (92.5, 89.3, 94.5, 97.5, None)),
+    ("PANDA", "ResNet-152", (96.2, 94.1, 95.6, 97.3, 86.5)),
+    ("CSI", "ResNet-18 (from scratch)", (94.3, 89.6, None, None, None)),
+    ("MSC", "ResNet-152", (98.6, 96.5, 94.2, 99.3, 87.2)),
+    ("Transformaly", "ViT-B/16", (98.3, 97.3, 94.4, None, None)),
+    ("FITYMI", "ViT-B/16", (99.1, 98.1, None, None, None)),
+)
+_NOTES = {
+    ("MSC", "cifar10"): "AAAI 2023; 97.5 in arXiv v1",
+    ("MSC", "cats_vs_dogs"): "approximate, unverified",
+}
 
-    def add(
-        method: str,
-        backbone: str,
-        values: Mapping[str, float],
-        notes: Mapping[str, str] | None = None,
-    ) -> None:
-        notes = notes or {}
-        for key, value in values.items():
+
+def _published(key: str) -> tuple[PublishedResult, ...]:
+    """The published entries of one dataset; DN2 and two datasets come from secondary tables."""
+    column = list(DATASETS).index(key)
+    entries = []
+    for method, backbone, values in _PUBLISHED_ROWS:
+        if values[column] is not None:
             approximate = method == "DN2" or key in ("cats_vs_dogs", "fashion_mnist")
-            note = notes.get(key, approx_note if approximate else "")
-            rows[key].append(PublishedResult(method, backbone, value, approximate, note))
-
-    add(
-        "DN2",
-        "ResNet-152",
-        {"cifar10": 92.5, "cifar100": 89.3, "cats_vs_dogs": 97.5, "fashion_mnist": 94.5},
-    )
-    add(
-        "PANDA",
-        "ResNet-152",
-        {
-            "cifar10": 96.2,
-            "cifar100": 94.1,
-            "cats_vs_dogs": 97.3,
-            "fashion_mnist": 95.6,
-            "mvtec": 86.5,
-        },
-    )
-    add("CSI", "ResNet-18 (from scratch)", {"cifar10": 94.3, "cifar100": 89.6})
-    add(
-        "MSC",
-        "ResNet-152",
-        {
-            "cifar10": 98.6,
-            "cifar100": 96.5,
-            "cats_vs_dogs": 99.3,
-            "fashion_mnist": 94.2,
-            "mvtec": 87.2,
-        },
-        notes={
-            "cifar10": "AAAI 2023; 97.5 in arXiv v1",
-            "cats_vs_dogs": "approximate, unverified",
-            "fashion_mnist": approx_note,
-        },
-    )
-    add(
-        "Transformaly",
-        "ViT-B/16",
-        {"cifar10": 98.3, "cifar100": 97.3, "fashion_mnist": 94.4},
-    )
-    add("FITYMI", "ViT-B/16", {"cifar10": 99.1, "cifar100": 98.1})
-    return {key: tuple(value) for key, value in rows.items()}
+            default = "approximate (secondary table)" if approximate else ""
+            note = _NOTES.get((method, key), default)
+            entries.append(PublishedResult(method, backbone, values[column], approximate, note))
+    return tuple(entries)
 
 
-PUBLISHED: dict[str, tuple[PublishedResult, ...]] = _published_table()
+PUBLISHED: dict[str, tuple[PublishedResult, ...]] = {key: _published(key) for key in DATASETS}
 """Published mean ROC-AUC (%) per dataset key, from SPEC section 9."""
 
 DEFAULT_METHODS: tuple[str, ...] = ("MSC", "DN2", "PANDA")
@@ -120,8 +86,8 @@ class ClassResult:
       index: class index in the dataset.
       name: class name.
       auroc: final ROC-AUC, a fraction in ``[0, 1]``.
-      metrics: other metrics by name (fractions in ``[0, 1]``), e.g.
-        ``{"average_precision": 0.9, "fpr_at_95_tpr": 0.2}``.
+      metrics: other metrics by name (fractions in ``[0, 1]``), e.g. ``{"average_precision": 0.9,
+        "fpr_at_95_tpr": 0.2}``.
       epoch_auroc: optional ROC-AUC after each epoch (index 0 = before training).
     """
 
@@ -135,10 +101,7 @@ class ClassResult:
 def published_results(
     dataset: str, methods: Sequence[str] | None = DEFAULT_METHODS
 ) -> tuple[PublishedResult, ...]:
-    """Published means for ``dataset`` (in the order of ``methods``; all methods if None).
-
-    Datasets without published numbers (your own folders, synthetic data) give no entries.
-    """
+    """Published means for ``dataset`` (in the order of ``methods``; all methods if None)."""
     entries = PUBLISHED.get(dataset, ())
     if methods is None:
         return entries
@@ -294,10 +257,6 @@ def csv_report(
 ) -> str:
     """CSV report: one row per class, a mean row, then one row per published mean.
 
-    Columns: ``kind`` (class / mean / published), ``dataset``, ``index``, ``name``, ``method``,
-    ``backbone``, ``auroc_pct``, one ``<metric>_pct`` column per metric, ``auroc_epoch_<e>_pct`` per
-    epoch, ``approximate`` and ``note``. Percentages are written with full precision.
-
     Raises:
       ValueError: for an empty dataset name or inconsistent/out-of-range results.
     """
@@ -358,8 +317,8 @@ def write_report(
       dataset: dataset key.
       results: per-class results.
       path_prefix: output path without extension.
-      **kwargs: ``method``, ``backbone`` and ``methods`` for both reports (``decimals`` is
-        Markdown only).
+      **kwargs: ``method``, ``backbone`` and ``methods`` for both reports (``decimals`` is Markdown
+        only).
 
     Returns:
       The two paths written (Markdown, CSV).
@@ -372,3 +331,44 @@ def write_report(
     csv_kwargs = {k: v for k, v in kwargs.items() if k != "decimals"}
     csv_path.write_text(csv_report(dataset, results, **csv_kwargs))  # type: ignore[arg-type]
     return md_path, csv_path
+
+
+def _threshold_markdown(calibrated: Mapping[str, Any]) -> str:
+    source = {
+        calibration.LEAVE_ONE_OUT: "leave-one-out scores of the {n} normal training images",
+        calibration.HOLDOUT: "{n} normal training images held out from training and gallery",
+    }[calibrated["method"]].format(n=calibrated["calibration_images"])
+    return (
+        f"Threshold {calibrated['threshold']:.6g}, set for a false-positive rate of "
+        f"{100 * calibrated['target_fpr']:.3g}% from the {source}. On the test images it flags "
+        f"{100 * calibrated['test_fpr']:.2f}% of the normal ones (false positives) and "
+        f"{100 * calibrated['test_recall']:.2f}% of the anomalous ones."
+    )
+
+
+def class_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md`` of one class: its recipe, evaluation history and threshold.
+
+    Args:
+      report: the class's report (what ``report.json`` holds).
+    """
+    lines = [
+        f"# {report['dataset']}: normal class {report['normal_class']} ({report['class_name']})",
+        "",
+        f"Backbone {report['backbone']}, loss {report['loss']}"
+        f"{' + angular' if report['angular'] else ''}, {report['epochs']} epochs. "
+        f"Counts: {report['counts']}.",
+        "",
+        "| epoch | ROC-AUC % | AP % | FPR@95TPR % | mean loss |",
+        "|---|---|---|---|---|",
+    ]
+    for h in report["history"]:
+        if "auroc" not in h:
+            continue
+        loss = "" if h.get("mean_loss") is None else f"{h['mean_loss']:.4f}"
+        lines.append(
+            f"| {h['epoch']} | {100 * h['auroc']:.2f} | {100 * h['average_precision']:.2f} | "
+            f"{100 * h['fpr_at_95_tpr']:.2f} | {loss} |"
+        )
+    lines += ["", _threshold_markdown(report["calibration"]), ""]
+    return "\n".join(lines)

@@ -3,6 +3,10 @@
 ``python -m msad_jax.score --workdir DIR PATH [PATH ...]`` prints, per image, its anomaly score and
 its label (``anomalous`` when the score exceeds the run's threshold, else ``normal``), tab
 separated. A PATH that is a folder stands for the image files inside it (recursively).
+
+The threshold is the run's, set for its target false-positive rate on normal images
+(``config.threshold_fpr``, default 5%); ``--fpr 0.01`` sets it for another rate from the
+calibration scores stored with the run (no retraining). See :mod:`msad_jax.detector`.
 """
 
 from __future__ import annotations
@@ -13,8 +17,14 @@ import sys
 from absl import app, flags, logging
 
 from msad_jax.data.folders import IMAGE_EXTENSIONS, natural_key
+from msad_jax.errors import MissingInputError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of a finished training run.")
+_FPR = flags.DEFINE_float(
+    "fpr",
+    None,
+    "Target false-positive rate on normal images, e.g. 0.01 (default: the run's threshold).",
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -33,14 +43,15 @@ def expand_paths(paths: list[str]) -> list[str]:
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise FileNotFoundError(f"No such image file or folder: {path}.")
+            raise MissingInputError(f"No such image file or folder: {path}.")
     if not files:
-        raise FileNotFoundError(f"No image files found in {' '.join(paths)}.")
+        raise MissingInputError(f"No image files found in {' '.join(paths)}.")
     return files
 
 
 def main(argv: list[str]) -> None:
     """Scores the images named on the command line."""
+    from msad_jax.calibration import check_fpr
     from msad_jax.detector import Detector
     from msad_jax.errors import user_errors
 
@@ -48,14 +59,20 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("Give at least one image file or folder to score.")
     with user_errors():
+        if _FPR.value is not None:
+            check_fpr(_FPR.value, "--fpr")
         files = expand_paths(argv[1:])
-        detector = Detector.load(_WORKDIR.value)
+        detector = Detector.load(_WORKDIR.value, fpr=_FPR.value)
         scores = detector.score(files)
     for path, score in zip(files, scores, strict=True):
         label = "anomalous" if score > detector.threshold else "normal"
         print(f"{path}\t{score:.6f}\t{label}")
-    print(f"threshold {detector.threshold:.6f}", file=sys.stderr)
+    fpr = detector.target_fpr
+    target = "" if fpr is None else f" (target false-positive rate {fpr:g})"
+    print(f"threshold {detector.threshold:.6f}{target}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from msad_jax.console import parse_absl_flags
+
+    app.run(main, flags_parser=parse_absl_flags)

@@ -8,13 +8,24 @@ one normal class it does, in order (SPEC §3-7):
 3. train for ``config.epochs`` epochs with the pmapped MSC step, evaluating after every
    ``config.eval_every_epochs`` epochs (logged only: nothing is selected on test data) and always
    after the last one;
-4. write the report (JSON + Markdown), plots, and what :class:`msad_jax.detector.Detector` needs.
+4. write the report (JSON + Markdown), plots, and what :class:`msad_jax.detector.Detector` needs
+   (:mod:`msad_jax.run_outputs`).
 
 Checkpoints are written every ``config.checkpoint_every_steps`` steps and after every epoch; a run
 started again in the same ``workdir`` resumes from the newest one (parameters, optimizer state,
 step, PRNG key, center, position in the epoch's data order and the evaluation history) and ends
-with the same parameters as an uninterrupted run. A NaN loss stops the run with
-:class:`TrainingDivergedError` before anything NaN is checkpointed.
+with the same parameters as an uninterrupted run. A damaged checkpoint (see
+:mod:`msad_jax.checkpointing`) is reported in one line, moved to ``<workdir>/damaged_checkpoints/``
+and the run resumes from the newest intact one. A NaN loss, or parameters that give NaN features,
+stop the run with :class:`TrainingDivergedError` before anything NaN is checkpointed.
+
+A workdir belongs to one run: its lock (:mod:`msad_jax.workdir`) keeps a second run out while one
+is running, and a run started again must agree with the first on everything that defines the
+result (:func:`msad_jax.run_setup.run_identity`: the recipe, the data source with a
+fingerprint of a folder's files, the image size, the subsets); otherwise it stops with one line
+before writing anything. It may ask for more epochs: ``detector.npz`` and the reports always
+describe one checkpoint (its step is recorded, and that checkpoint is kept until they are
+rewritten).
 
 With ``config.normal_class = 'all'`` each class runs in ``<workdir>/class_<i>_<name>/`` and the
 per-class table (with the published numbers beside ours) goes to ``<workdir>/report.{md,csv}``.
@@ -30,7 +41,6 @@ and process 0 alone writes reports, plots, metrics and the detector file.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -45,52 +55,67 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from msad_jax import distributed, evaluation, plots, reporting
-from msad_jax.checkpointing import CheckpointError, RunCheckpoints
+from msad_jax import distributed, evaluation, run_outputs, run_state
+from msad_jax.checkpointing import (
+    CheckpointError,
+    RunCheckpoints,
+    non_finite_items,
+)
 from msad_jax.config import ConfigError, validate_config
-from msad_jax.data import augment, pipeline, protocols, subsets, synthetic, transforms
+from msad_jax.data import augment, pil_augment, pil_eval, pipeline, transforms
+from msad_jax.data.protocols import OneClassData
+from msad_jax.errors import UserError
 from msad_jax.features import make_feature_extractor
 from msad_jax.metric_writer import MetricWriter
-from msad_jax.models import (
-    BackboneSpec,
-    backbone_spec,
-    build_backbone,
-    init_variables,
-    load_pretrained,
-)
 from msad_jax.optimizer import make_optimizer
-from msad_jax.train_step import TrainState, make_train_step, pmap_train_step, replicate_state
+from msad_jax.run_files import (
+    DETECTOR_FILE,
+    recorded_detector_step,
+)
+from msad_jax.run_setup import (
+    check_enough_images,
+    class_names,
+    frozen_patterns,
+    load_data,
+    model_and_variables,
+    normal_classes,
+    preprocessing_for,
+    run_identity,
+    split_holdout,
+    training_steps,
+)
+from msad_jax.train_step import (
+    TrainState,
+    create_train_state,
+    make_train_step,
+    pmap_train_step,
+    replicate_state,
+)
+from msad_jax.workdir import WorkdirBusyError, WorkdirLock, check_workdir_path
+
+__all__ = [
+    "DETECTOR_FILE",
+    "CheckpointError",
+    "TrainingDivergedError",
+    "class_names",
+    "frozen_patterns",
+    "load_data",
+    "model_and_variables",
+    "normal_classes",
+    "preprocessing_for",
+    "run_identity",
+    "split_holdout",
+    "train_and_evaluate",
+    "train_one_class",
+    "training_steps",
+]
 
 PyTree = Any
 logger = logging.getLogger(__name__)
 
-# Config keys that change what a checkpoint means; a resumed run must agree on them.
-RESUME_KEYS = (
-    "dataset",
-    "normal_class",
-    "train_images",
-    "test_images",
-    "backbone",
-    "pretrained",
-    "frozen",
-    "loss",
-    "angular",
-    "temperature",
-    "learning_rate",
-    "weight_decay",
-    "batch_size",
-    "seed",
-    "dtype",
-    "resize",
-    "crop",
-    "resize_method",
-)
-DETECTOR_FILE = "detector.npz"
-RUN_INFO_FILE = "run.json"
 
-
-class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class TrainingDivergedError(UserError, RuntimeError):
+    """The training loss, or the model's features, became NaN or infinite."""
 
 
 class _NullWriter:
@@ -101,159 +126,6 @@ class _NullWriter:
 
     def close(self) -> None:
         pass
-
-
-# --------------------------------------------------------------------------------------------
-# Resolving the configuration.
-
-
-def preprocessing_for(
-    config: ml_collections.ConfigDict, spec: BackboneSpec
-) -> transforms.Preprocessing:
-    """The backbone's evaluation preprocessing with the config's overrides applied."""
-    prep = spec.preprocessing
-    changes: dict[str, Any] = {}
-    if config.resize:
-        changes["resize"] = config.resize
-    if config.crop >= 0:
-        changes["crop"] = config.crop or None
-    if config.resize_method:
-        changes["method"] = config.resize_method
-    try:
-        return dataclasses.replace(prep, **changes)
-    except ValueError as err:
-        raise ConfigError(f"Invalid preprocessing override: {err}") from None
-
-
-def frozen_patterns(config: ml_collections.ConfigDict, spec: BackboneSpec) -> tuple[str, ...]:
-    """Regexes of frozen parameters: the backbone's default or the config's list."""
-    if config.frozen == "default":
-        return spec.frozen
-    return tuple(p.strip() for p in config.frozen.split(",") if p.strip())
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
-    """The model's compute dtype."""
-    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-
-
-def class_names(config: ml_collections.ConfigDict) -> list[str]:
-    """Names of the dataset's classes (reads folder layouts / TFDS metadata)."""
-    if config.dataset == "synthetic":
-        return list(synthetic.CLASS_NAMES)
-    if config.dataset == "folder":
-        return protocols.class_names("folder", path=config.data_dir)
-    return protocols.class_names(config.dataset)
-
-
-def training_steps(config: ml_collections.ConfigDict, num_train_images: int) -> tuple[int, int]:
-    """``(steps_per_epoch, total_steps)``: the epochs' steps, capped by ``config.max_steps``."""
-    steps_per_epoch = pipeline.steps_per_epoch(num_train_images, config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    return steps_per_epoch, total_steps
-
-
-def normal_classes(config: ml_collections.ConfigDict) -> list[int]:
-    """The normal classes to run: one, or all of them for ``normal_class='all'``."""
-    names = class_names(config)
-    value = str(config.normal_class)
-    if value == "all":
-        return list(range(len(names)))
-    if re.fullmatch(r"\d+", value):
-        index = int(value)
-        if index >= len(names):
-            raise ConfigError(
-                f"config.normal_class={index} is out of range: {config.dataset} has "
-                f"{len(names)} classes (0..{len(names) - 1})."
-            )
-        return [index]
-    if value in names:
-        return [names.index(value)]
-    raise ConfigError(
-        f"config.normal_class={value!r} is not a class of {config.dataset}; use an index, 'all', "
-        f"or one of {', '.join(names)}."
-    )
-
-
-def load_data(config: ml_collections.ConfigDict, normal_class: int) -> protocols.OneClassData:
-    """The one-class problem of ``normal_class`` from the configured source (and subset)."""
-    if config.dataset == "synthetic":
-        arrays = synthetic.synthetic_arrays(
-            size=config.synthetic_size,
-            train_per_class=config.synthetic_train,
-            test_per_class=config.synthetic_test,
-            seed=config.seed,
-        )
-        data = protocols.load_one_class("arrays", normal_class, arrays=arrays)
-    else:
-        data = protocols.load_one_class(
-            config.dataset,
-            normal_class,
-            data_dir=config.data_dir or None,
-            path=config.data_dir or None,
-            image_size=config.image_size or None,
-            download=config.download,
-            manual_dir=config.manual_dir or None,
-        )
-    return subsets.subsample(
-        data, train_images=config.train_images, test_images=config.test_images, seed=config.seed
-    )
-
-
-def model_and_variables(
-    config: ml_collections.ConfigDict,
-) -> tuple[Any, dict[str, PyTree], BackboneSpec]:
-    """The backbone (compute dtype from the config) and its initial variables."""
-    spec = backbone_spec(config.backbone)
-    model = build_backbone(config.backbone, dtype=compute_dtype(config))
-    if config.pretrained:
-        variables = load_pretrained(
-            config.backbone,
-            config.weights_cache or None,
-            offline=True if config.offline else None,
-        )
-    else:
-        variables = init_variables(model, spec.preprocessing.size, seed=config.seed)
-    return model, variables, spec
-
-
-# --------------------------------------------------------------------------------------------
-# Training-state plumbing.
-
-
-def _host_state(state: TrainState, center: np.ndarray) -> dict[str, PyTree]:
-    """The checkpointed pytree: device 0's copy of the replicated state, plus the center."""
-    single = jax.device_get(jax.tree.map(lambda x: x[0], state))
-    return {
-        "params": single.params,
-        "batch_stats": single.batch_stats,
-        "opt_state": single.opt_state,
-        "step": np.asarray(single.step),
-        "rng": np.asarray(jax.random.key_data(single.rng)),
-        "center": np.asarray(center, np.float32),
-    }
-
-
-def _train_state(host: dict[str, PyTree]) -> TrainState:
-    return TrainState(
-        params=host["params"],
-        batch_stats=host["batch_stats"],
-        opt_state=host["opt_state"],
-        step=jnp.asarray(host["step"], jnp.int32),
-        rng=jax.random.wrap_key_data(jnp.asarray(host["rng"])),
-    )
-
-
-def _check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict) -> None:
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != config[k]]
-    if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {config[k]!r}" for k in changed)
-        raise CheckpointError(
-            f"The workdir holds a run with a different config ({details}); use a new --workdir "
-            "or the original settings."
-        )
 
 
 @dataclasses.dataclass
@@ -288,27 +160,36 @@ class _Run:
 
     config: ml_collections.ConfigDict
     workdir: str
-    data: protocols.OneClassData
+    data: OneClassData
+    eval_data: OneClassData  # data as the extractor takes it (eval_resize)
+    holdout_images: np.ndarray  # normal training images held out for calibration (may be empty)
     model: Any
     extractor: Any
     step_fn: Any
+    prep: transforms.Preprocessing
     steps_per_epoch: int
     total_steps: int
-    writer: MetricWriter
+    writer: MetricWriter | _NullWriter
     checkpoints: RunCheckpoints
 
     def evaluate(self, state: TrainState, *, center: bool = False) -> evaluation.Evaluation:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return evaluation.evaluate(
-            self.extractor,
-            variables,
-            self.data,
-            k=self.config.knn_k,
-            batch_size=self.config.eval_batch_size,
-            memory_budget_bytes=self.config.knn_memory_budget_mb * 2**20,
-            center=center,
-            normalize_center=self.config.angular,
-        )
+        try:
+            return evaluation.evaluate(
+                self.extractor,
+                variables,
+                self.eval_data,
+                k=self.config.knn_k,
+                batch_size=self.config.eval_batch_size,
+                memory_budget_bytes=self.config.knn_memory_budget_mb * 2**20,
+                center=center,
+                normalize_center=self.config.angular,
+            )
+        except evaluation.NonFiniteFeaturesError as err:
+            step = int(jax.device_get(state.step[0]))
+            raise _diverged(
+                self, f"At step {step} the model's features became NaN ({err})"
+            ) from err
 
 
 def _log_eval(run: _Run, epoch: int, step: int, result: evaluation.Evaluation) -> dict[str, Any]:
@@ -324,19 +205,32 @@ def _log_eval(run: _Run, epoch: int, step: int, result: evaluation.Evaluation) -
     return record
 
 
+def _diverged(run: _Run, what: str) -> TrainingDivergedError:
+    last = run.checkpoints.latest_step()
+    return TrainingDivergedError(
+        f"{what}; stopped without saving it. The last good checkpoint (step {last}) is in "
+        f"{run.checkpoints.directory}. A resumed run must keep its settings, so start a new "
+        "--workdir with a lower config.learning_rate (and config.dtype='float32' if it was "
+        "bfloat16)."
+    )
+
+
 def _check_finite(records: Sequence[tuple[int, dict[str, float]]], run: _Run) -> None:
     for step, values in records:
         if not math.isfinite(values["loss"]):
-            last = run.checkpoints.latest_step()
-            raise TrainingDivergedError(
-                f"The training loss became {values['loss']} at step {step}; stopped without "
-                f"saving it. The last good checkpoint (step {last}) is in "
-                f"{run.checkpoints.directory}. Lower config.learning_rate or use float32."
-            )
+            raise _diverged(run, f"The training loss became {values['loss']} at step {step}")
+
+
+def _checked_host_state(run: _Run, state: TrainState, center: np.ndarray) -> dict[str, PyTree]:
+    """:func:`msad_jax.run_state.host_state`, refusing parameters that are no longer finite."""
+    host = run_state.host_state(state, center)
+    if non_finite_items(host):
+        raise _diverged(run, f"The parameters became NaN or infinite by step {int(host['step'])}")
+    return host
 
 
 def _epoch_batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.Array]]:
-    batches = pipeline.train_batches(
+    batches: Iterator[dict[str, np.ndarray]] = pipeline.train_batches(
         run.data.train_images,
         global_batch_size=run.config.batch_size,
         num_devices=jax.local_device_count(),
@@ -346,6 +240,15 @@ def _epoch_batches(run: _Run, epoch: int, start: int) -> Iterator[dict[str, jax.
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    if run.config.augment == "pil":
+        batches = pil_augment.host_view_batches(
+            batches,
+            size=run.prep.size,
+            seed=run.config.seed,
+            workers=run.config.augment_workers,
+            first_step=epoch * run.steps_per_epoch + start,
+            process_index=jax.process_index(),
+        )
     return pipeline.prefetch_to_device(batches, size=2)
 
 
@@ -357,11 +260,15 @@ def _train_epoch(
     start: int,
     progress: dict[str, Any],
     bar: tqdm.tqdm,
-) -> tuple[TrainState, list[float]]:
-    """Runs the steps of one epoch from ``start``; returns the state and the epoch's losses."""
+) -> tuple[TrainState, list[float], list[float]]:
+    """Runs one epoch's steps from ``start``; returns the state, step losses and batch sizes."""
     config = run.config
     pending = _PendingMetrics()
     losses: list[float] = list(progress.get("epoch_losses", []))
+    # Checkpoints of earlier versions kept no counts: their steps were full batches.
+    counts: list[float] = list(progress.get("epoch_counts", [])) or [config.batch_size] * len(
+        losses
+    )
     global_step = epoch * run.steps_per_epoch + start
 
     def flush() -> None:
@@ -369,6 +276,7 @@ def _train_epoch(
         _check_finite(records, run)
         for step, values in records:
             losses.append(values["loss"])
+            counts.append(values.pop("count"))
             run.writer.write({"step": step, "epoch": epoch, **values}, step=step, prefix="train/")
         if records:
             bar.set_postfix(loss=f"{records[-1][1]['loss']:.4f}", epoch=epoch)
@@ -378,7 +286,9 @@ def _train_epoch(
             break
         state, metrics = run.step_fn(state, batch, center)
         global_step += 1
-        pending.add(global_step, {k: metrics[k] for k in ("loss", "align", "uniform", "angular")})
+        pending.add(
+            global_step, {k: metrics[k] for k in ("loss", "align", "uniform", "angular", "count")}
+        )
         bar.update(1)
         done_in_epoch = start + offset + 1
         if global_step % config.log_every_steps == 0:
@@ -388,104 +298,51 @@ def _train_epoch(
             flush()
             run.checkpoints.save(
                 global_step,
-                _host_state(state, center),
+                _checked_host_state(run, state, center),
                 {
                     **progress,
                     "epoch": epoch,
                     "step_in_epoch": done_in_epoch,
                     "epoch_losses": losses,
+                    "epoch_counts": counts,
                 },
             )
     flush()
-    return state, losses
+    return state, losses, counts
 
 
-def _write_outputs(run: _Run, final: evaluation.Evaluation, history: list[dict[str, Any]]) -> dict:
-    """Report, plots and detector file of a finished class (written by process 0 only)."""
-    config, data = run.config, run.data
-    train_scores = evaluation.leave_one_out_scores(
-        final.gallery, config.knn_k, memory_budget_bytes=config.knn_memory_budget_mb * 2**20
-    )
-    threshold = float(np.quantile(train_scores, config.threshold_quantile))
-    evals = [h for h in history if "auroc" in h]
-    report = {
-        "dataset": config.dataset,
-        "normal_class": data.normal_class,
-        "class_name": data.normal_class_name,
-        "backbone": config.backbone,
-        "loss": config.loss,
-        "angular": config.angular,
-        "epochs": config.epochs,
-        "counts": data.counts(),
-        "pretrained": {k: evals[0][k] for k in ("auroc", "average_precision", "fpr_at_95_tpr")},
-        "final": dict(final.metrics),
-        "history": history,
-        "threshold": threshold,
-        "threshold_quantile": config.threshold_quantile,
-    }
-    if not distributed.is_main_process():
-        return report  # every process has the same report; process 0 writes it
-    np.savez(
-        os.path.join(run.workdir, DETECTOR_FILE),
-        gallery=final.gallery,
-        train_scores=train_scores,
-        test_scores=final.scores,
-        test_labels=final.labels,
-        threshold=np.asarray(threshold),
-        image_side=np.asarray(data.train_images.shape[1]),
-    )
-    with open(os.path.join(run.workdir, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
-    with open(os.path.join(run.workdir, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write(_class_markdown(report))
-    if config.plots:
-        title = f"{config.dataset} class {data.normal_class} ({data.normal_class_name})"
-        plots.plot_roc(final.labels, final.scores, os.path.join(run.workdir, "roc.png"), title)
-        plots.plot_score_histograms(
-            final.labels,
-            final.scores,
-            os.path.join(run.workdir, "scores.png"),
-            title,
-            threshold=threshold,
+def _write_outputs(
+    run: _Run,
+    final: evaluation.Evaluation,
+    history: list[dict[str, Any]],
+    step: int,
+    state: TrainState,
+) -> dict[str, Any]:
+    """Sets the threshold and writes the class's outputs (:mod:`msad_jax.run_outputs`).
+
+    ``step`` is the checkpoint whose parameters gave ``final`` (``state``, replicated); it is on
+    disk before the detector file names it. Every process returns the same report; process 0
+    writes.
+    """
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    holdout = None
+    if len(run.holdout_images):
+        holdout = evaluation.features_of(
+            run.extractor, variables, run.holdout_images, batch_size=run.config.eval_batch_size
         )
-        trained = [h for h in history if h.get("mean_loss") is not None]
-        plots.plot_training_curves(
-            [h["epoch"] for h in evals],
-            [h["auroc"] for h in evals],
-            [h["epoch"] for h in trained],
-            [h["mean_loss"] for h in trained],
-            os.path.join(run.workdir, "training.png"),
-            title,
+        try:
+            evaluation.check_finite_features(holdout, "held-out normal training images")
+        except evaluation.NonFiniteFeaturesError as err:
+            raise _diverged(run, f"The model's features became NaN ({err})") from err
+    threshold = run_outputs.set_threshold(run.config, final.gallery, holdout)
+    report = run_outputs.class_report(run.config, run.data, final, history, step, threshold)
+    run.checkpoints.wait()
+    if distributed.is_main_process():
+        host_variables = jax.device_get(jax.tree.map(lambda x: x[0], variables))
+        run_outputs.write_class_outputs(
+            run.workdir, run.config, run.data, final, report, threshold, host_variables
         )
     return report
-
-
-def _class_markdown(report: dict[str, Any]) -> str:
-    lines = [
-        f"# {report['dataset']}: normal class {report['normal_class']} ({report['class_name']})",
-        "",
-        f"Backbone {report['backbone']}, loss {report['loss']}"
-        f"{' + angular' if report['angular'] else ''}, {report['epochs']} epochs. "
-        f"Counts: {report['counts']}.",
-        "",
-        "| epoch | ROC-AUC % | AP % | FPR@95TPR % | mean loss |",
-        "|---|---|---|---|---|",
-    ]
-    for h in report["history"]:
-        if "auroc" not in h:
-            continue
-        loss = "" if h.get("mean_loss") is None else f"{h['mean_loss']:.4f}"
-        lines.append(
-            f"| {h['epoch']} | {100 * h['auroc']:.2f} | {100 * h['average_precision']:.2f} | "
-            f"{100 * h['fpr_at_95_tpr']:.2f} | {loss} |"
-        )
-    lines += [
-        "",
-        f"Threshold ({report['threshold_quantile']} quantile of leave-one-out training "
-        f"scores): {report['threshold']:.6g}.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def train_one_class(
@@ -493,12 +350,25 @@ def train_one_class(
 ) -> dict[str, Any]:
     """Trains and evaluates with one normal class; resumes from ``workdir`` when possible.
 
+    Nothing is written to ``workdir`` before the run is known to be this workdir's run (or the
+    first one there).
+
     Returns:
       The report (also written to ``<workdir>/report.json``).
+
+    Raises:
+      CheckpointError: ``workdir`` holds a different run.
     """
     os.makedirs(workdir, exist_ok=True)
-    data = load_data(config, normal_class)
+    identity = run_identity(config)
+    run_state.check_run_info(workdir, identity)
+    data, holdout_images = split_holdout(config, load_data(config, normal_class))
     logger.info("%s", data.summary())
+    if len(holdout_images):
+        logger.info(
+            "%d normal training images held out to calibrate the threshold.", len(holdout_images)
+        )
+    check_enough_images(config, data, len(holdout_images))
     model, variables, spec = model_and_variables(config)
     prep = preprocessing_for(config, spec)
     frozen = frozen_patterns(config, spec)
@@ -520,62 +390,65 @@ def train_one_class(
         loss=config.loss,
         angular=config.angular,
         temperature=config.temperature,
-        augment_fn=augment.make_augment_fn(prep),
+        augment_fn=augment.make_augment_fn(prep) if config.augment == "device" else None,
         frozen=frozen,
     )
+    if config.augment == "pil":
+        step = pil_augment.with_normalized_views(step, prep)
     steps_per_epoch, total_steps = training_steps(config, len(data.train_images))
-    run = _Run(
-        config=config,
-        workdir=workdir,
-        data=data,
-        model=model,
-        extractor=make_feature_extractor(model, transforms.make_preprocess_fn(prep)),
-        step_fn=pmap_train_step(step),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        writer=MetricWriter(workdir) if distributed.is_main_process() else _NullWriter(),
-        checkpoints=RunCheckpoints(
-            os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
-        ),
+    fresh = create_train_state(variables, tx, jax.random.key(config.seed))
+    detector_step = recorded_detector_step(workdir)
+    checkpoints = RunCheckpoints(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        keep_steps=() if detector_step is None else (detector_step,),
     )
-    if distributed.is_main_process():
-        with open(os.path.join(workdir, RUN_INFO_FILE), "w", encoding="utf-8") as handle:
-            json.dump(
-                {"config": config.to_dict(), "preprocessing": dataclasses.asdict(prep)},
-                handle,
-                indent=2,
-            )
+    writer: MetricWriter | _NullWriter = _NullWriter()
+    eval_data, eval_holdout, preprocess_fn = pil_eval.eval_inputs(
+        config.eval_resize, data, holdout_images, prep
+    )
     try:
-        return _train_and_report(run, variables, tx)
+        resumed = run_state.restore_newest_intact(
+            checkpoints, run_state.host_tree(fresh, np.zeros(model.feature_dim)), identity, workdir
+        )
+        if distributed.is_main_process():
+            resume_step = None if resumed is None else int(resumed[0]["step"])
+            writer = MetricWriter(workdir, resume_step=resume_step)
+            run_state.write_run_info(workdir, config, prep, identity)
+        run = _Run(
+            config=config,
+            workdir=workdir,
+            data=data,
+            eval_data=eval_data,
+            holdout_images=eval_holdout,
+            model=model,
+            extractor=make_feature_extractor(model, preprocess_fn),
+            step_fn=pmap_train_step(step),
+            prep=prep,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            writer=writer,
+            checkpoints=checkpoints,
+        )
+        return _train_and_report(run, fresh, resumed, identity)
     finally:
-        run.checkpoints.close()
-        run.writer.close()
+        checkpoints.close()
+        writer.close()
 
 
-def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[str, Any]:
+def _train_and_report(
+    run: _Run,
+    fresh: TrainState,
+    resumed: tuple[dict[str, PyTree], dict[str, Any]] | None,
+    identity: dict[str, Any],
+) -> dict[str, Any]:
     config = run.config
-    fresh = TrainState(
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(variables["params"]),
-        step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key(config.seed),
-    )
-    template = {
-        "params": fresh.params,
-        "batch_stats": fresh.batch_stats,
-        "opt_state": fresh.opt_state,
-        "step": np.zeros((), np.int32),
-        "rng": np.asarray(jax.random.key_data(fresh.rng)),
-        "center": np.zeros((run.model.feature_dim,), np.float32),
-    }
-    latest = run.checkpoints.latest_step()
-    if latest is not None:
-        host, progress = run.checkpoints.restore(template)
-        _check_resume_config(progress["config"], config)
-        logger.info("Resuming from step %d (epoch %d).", latest, progress["epoch"])
-        state = replicate_state(_train_state(host))
+    if resumed is not None:
+        host, progress = resumed
+        logger.info("Resuming from step %d (epoch %d).", int(host["step"]), progress["epoch"])
+        state = replicate_state(run_state.train_state(host))
         center_host = host["center"]
+        progress = {**progress, "config": config.to_dict(), "identity": identity}
     else:
         state = replicate_state(fresh)
         t0 = time.perf_counter()
@@ -588,10 +461,11 @@ def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[
             "step_in_epoch": 0,
             "history": [record],
             "config": config.to_dict(),
+            "identity": identity,
         }
-        run.checkpoints.save(0, _host_state(state, center_host), progress)
+        run.checkpoints.save(0, _checked_host_state(run, state, center_host), progress)
         if run.total_steps == 0:
-            return _write_outputs(run, result, progress["history"])
+            return _write_outputs(run, result, progress["history"], 0, state)
     center = jnp.asarray(center_host)
     history: list[dict[str, Any]] = progress["history"]
     epoch, start = progress["epoch"], progress["step_in_epoch"]
@@ -606,14 +480,14 @@ def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[
     ) as bar:
         while epoch * run.steps_per_epoch + start < run.total_steps:
             t0 = time.perf_counter()
-            state, losses = _train_epoch(run, state, center, epoch, start, progress, bar)
+            state, losses, counts = _train_epoch(run, state, center, epoch, start, progress, bar)
             seconds = time.perf_counter() - t0
             steps_done = int(jax.device_get(state.step[0]))
             last = steps_done >= run.total_steps
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": steps_done,
-                "mean_loss": float(np.mean(losses)) if losses else None,
+                "mean_loss": pipeline.epoch_mean_loss(losses, counts) if losses else None,
                 "train_seconds": seconds,
             }
             if last or (config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0):
@@ -627,11 +501,12 @@ def _train_and_report(run: _Run, variables: dict[str, PyTree], tx: Any) -> dict[
                 "step_in_epoch": 0,
                 "history": history,
                 "epoch_losses": [],
+                "epoch_counts": [],
             }
-            run.checkpoints.save(steps_done, _host_state(state, center_host), progress)
+            run.checkpoints.save(steps_done, _checked_host_state(run, state, center_host), progress)
     if final is None:  # resumed after the last epoch finished, or no training steps
         final = run.evaluate(state)
-    return _write_outputs(run, final, history)
+    return _write_outputs(run, final, history, int(jax.device_get(state.step[0])), state)
 
 
 def _class_dir(workdir: str, index: int, name: str) -> str:
@@ -652,41 +527,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     validate_config(config)
     workdir = os.path.abspath(workdir)
+    check_workdir_path(workdir)
     classes = normal_classes(config)
-    if str(config.normal_class) != "all":
-        return train_one_class(config, workdir, classes[0])
+    os.makedirs(workdir, exist_ok=True)
+    lock = _lock_workdir(workdir)
+    try:
+        if str(config.normal_class) != "all":
+            return train_one_class(config, workdir, classes[0])
+        return _train_all_classes(config, workdir, classes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_workdir(workdir: str) -> WorkdirLock | None:
+    """Takes the workdir lock on process 0 (others learn whether it succeeded)."""
+    lock, error = None, None
+    if distributed.is_main_process():
+        lock = WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except WorkdirBusyError as err:
+            error = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        taken = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not int(taken) and error is None:
+            error = WorkdirBusyError(
+                f"Process 0 could not take the lock of {workdir}: another run is using it."
+            )
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train_all_classes(
+    config: ml_collections.ConfigDict, workdir: str, classes: list[int]
+) -> dict[str, Any]:
     names = class_names(config)
     reports = []
     for index in classes:
         logger.info("=== normal class %d (%s) ===", index, names[index])
         reports.append(train_one_class(config, _class_dir(workdir, index, names[index]), index))
-    results = [
-        reporting.ClassResult(
-            index=r["normal_class"],
-            name=r["class_name"],
-            auroc=r["final"]["auroc"],
-            metrics={
-                "pretrained_auroc": r["pretrained"]["auroc"],
-                "average_precision": r["final"]["average_precision"],
-                "fpr_at_95_tpr": r["final"]["fpr_at_95_tpr"],
-            },
-            epoch_auroc=[h["auroc"] for h in r["history"] if "auroc" in h],
-        )
-        for r in reports
-    ]
-    summary = {
-        "dataset": config.dataset,
-        "classes": reports,
-        "mean_auroc": float(np.mean([r["final"]["auroc"] for r in reports])),
-        "mean_pretrained_auroc": float(np.mean([r["pretrained"]["auroc"] for r in reports])),
-        "report_markdown": "report.md",
-        "report_csv": "report.csv",
-    }
+    summary = run_outputs.dataset_summary(config, reports)
     if distributed.is_main_process():
-        md_path, csv_path = reporting.write_report(
-            config.dataset, results, os.path.join(workdir, "report"), backbone=config.backbone
-        )
-        summary.update(report_markdown=md_path.name, report_csv=csv_path.name)
-        with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
+        run_outputs.write_dataset_outputs(workdir, config, summary)
     return summary

@@ -1,24 +1,8 @@
 """The MSC fine-tuning step, written per device over a named axis and run with ``jax.pmap``.
 
-One step (SPEC §2-5): draw or take two views of the local images, run the backbone once on both
-(BatchNorm in inference mode), normalise the features to phi, shift by the precomputed center and
-re-normalise to theta (MSC) or use phi itself (standard contrastive loss), gather the vectors of all
-devices so that the negatives are the whole global batch, evaluate the loss of the local anchors,
-reduce the gradients across devices and apply the optax update.
-
-How the multi-device result equals the single-device one. Device ``d`` evaluates only its own
-anchors (its ``2b`` rows) against the gathered ``2N`` candidates and divides by the *global* number
-of valid anchors, so the global loss is the sum of the device losses. Under ``jax.grad`` the
-transpose of the tiled ``all_gather`` is a reduce-scatter: device ``d`` receives, for its own
-features, the sum over all devices of the cotangents of the gathered copies, i.e. the derivative of
-the *global* loss w.r.t. its features. Backpropagating that through the local network gives device
-``d``'s share of the global gradient, and the global gradient is the sum of the shares
-(``lax.psum``; the test suite checks this against a single device numerically). The angular term
-only involves local features and is split the same way.
-
-Frozen parameters are not differentiated at all (the parameters are partitioned before
-``jax.grad``), so XLA runs no backward pass through frozen stages; they get zero gradients for the
-optimizer and are copied through unchanged, bit for bit, as are the BatchNorm statistics.
+Each device scores its own anchors against the gathered global batch and divides by the global
+anchor count, so the summed gradients equal the single-device ones (the tests check this). Frozen
+parameters are split off before ``jax.grad``: no backward pass through them, copied bit for bit.
 """
 
 from __future__ import annotations
@@ -34,15 +18,13 @@ import optax
 from flax import jax_utils
 from jax import lax
 
-from msad_jax.losses import l2_normalize, mean_shift, nt_xent_rows
-from msad_jax.optimizer import trainable_mask
+from msad_jax.losses import LOSSES, l2_normalize, mean_shift, nt_xent_rows
+from msad_jax.optimizer import combine, partition
 
 PyTree = Any
 Batch = dict[str, jax.Array]
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]  # (keys [b], uint8 [b,H,W,3]) -> views
 StepFn = Callable[[Any, Batch, jax.Array | None], tuple[Any, dict[str, jax.Array]]]
-
-LOSSES = ("msc", "contrastive")
 
 
 @flax.struct.dataclass
@@ -74,9 +56,6 @@ def create_train_state(
       tx: the optimizer, e.g. from :func:`msad_jax.optimizer.make_optimizer`.
       rng: PRNG key for augmentations.
 
-    Returns:
-      A :class:`TrainState` at step 0.
-
     Raises:
       ValueError: if ``variables`` has no ``'params'`` entry.
     """
@@ -95,20 +74,6 @@ def create_train_state(
     )
 
 
-def _split(mask: PyTree, params: PyTree) -> tuple[PyTree, PyTree]:
-    """Partitions params into (trainable, frozen) trees with None in the other's places."""
-    trainable = jax.tree_util.tree_map(lambda m, p: p if m else None, mask, params)
-    frozen = jax.tree_util.tree_map(lambda m, p: None if m else p, mask, params)
-    return trainable, frozen
-
-
-def _merge(mask: PyTree, trainable: PyTree, frozen: PyTree) -> PyTree:
-    """Inverse of :func:`_split`."""
-    return jax.tree_util.tree_map(
-        lambda m, t, f: t if m else f, mask, trainable, frozen, is_leaf=lambda x: x is None
-    )
-
-
 def _apply_features(model: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array):
     """Backbone forward with BatchNorm in inference mode; float32 features."""
     variables = {"params": params}
@@ -120,8 +85,7 @@ def _apply_features(model: nn.Module, params: PyTree, batch_stats: PyTree, x: ja
 def example_keys(rng: jax.Array, step: jax.Array, view: int, rows: jax.Array) -> jax.Array:
     """Augmentation keys ``[len(rows)]`` of one view of the given global-batch rows.
 
-    A key depends only on (rng, step, view, row of the global batch), so the augmented views of a
-    global batch are the same whatever the number of devices or hosts it is split over.
+    A key depends only on (rng, step, view, row), so views do not depend on the device count.
     """
     base = jax.random.fold_in(jax.random.fold_in(rng, step), view)
     return jax.vmap(lambda row: jax.random.fold_in(base, row))(rows)
@@ -141,17 +105,10 @@ def make_train_step(
 ) -> StepFn:
     """Builds the per-device training step ``(state, batch, center) -> (state, metrics)``.
 
-    ``batch`` holds this device's share of the global batch: ``'mask'`` bool ``[b]`` (False =
-    padding) and either ``'view1'``/``'view2'`` float ``[b, S, S, 3]`` (when ``augment_fn`` is None)
-    or ``'image'`` uint8 ``[b, H, W, 3]``, from which two views are drawn on device with one key
-    per example and view from :func:`example_keys` (independent of the device count).
-    ``center`` is the precomputed float32 center ``[D]`` (unit-norm iff ``angular``; unused, may
-    be None, for ``loss='contrastive'`` without ``angular``).
-
-    The loss is the global mean over the valid anchors of all devices. Metrics (global, replicated):
-    ``loss``, ``align``, ``uniform`` (the exact NT-Xent split), ``angular`` (0 when off), ``count``
-    (valid images) and, with ``with_grads``, ``grads`` (the reduced gradient, zeros for frozen
-    parameters).
+    ``batch`` is this device's share: ``'mask'`` bool ``[b]`` (False = padding) and either
+    ``'view1'``/``'view2'`` float ``[b, S, S, 3]`` or, with ``augment_fn``, ``'image'`` uint8.
+    Metrics (global means): ``loss``, ``align``, ``uniform``, ``angular``, ``count`` and, with
+    ``with_grads``, ``grads``.
 
     Args:
       model: Flax backbone, ``apply(variables, x, train=False) -> [n, D]``; its ``dtype`` sets the
@@ -226,11 +183,10 @@ def make_train_step(
         n_valid = jnp.sum(all_mask.astype(jnp.float32))
         denom = jnp.maximum(2.0 * n_valid, 1.0)
 
-        param_mask = trainable_mask(state.params, frozen)
-        trainable, frozen_params = _split(param_mask, state.params)
+        trainable, fixed = partition(state.params, frozen)
 
         def local_loss(trainable: PyTree) -> tuple[jax.Array, dict[str, jax.Array]]:
-            params = _merge(param_mask, trainable, frozen_params)
+            params = combine(trainable, fixed)
             feats = _apply_features(model, params, state.batch_stats, jnp.concatenate([x1, x2]))
             phi = l2_normalize(feats)
             z = mean_shift(phi, center) if loss == "msc" else phi
@@ -268,14 +224,10 @@ def make_train_step(
         # Each device holds its share of the gradient of the global loss: sum the shares.
         grads = reduce_sum(grads)
         terms = reduce_sum(terms)
-        full_grads = _merge(
-            param_mask, grads, jax.tree_util.tree_map(jnp.zeros_like, frozen_params)
-        )
+        full_grads = combine(grads, jax.tree_util.tree_map(jnp.zeros_like, fixed))
         updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-        stepped = optax.apply_updates(state.params, updates)
-        new_params = jax.tree_util.tree_map(
-            lambda m, new, old: new if m else old, param_mask, stepped, state.params
-        )
+        # Frozen parameters are copied through bit for bit (not p + 0, which turns -0.0 into 0.0).
+        new_params = combine(fixed, optax.apply_updates(state.params, updates))
         contrastive = terms.pop("contrastive")
         metrics = {"loss": contrastive + terms["angular"], **terms, "count": n_valid}
         if with_grads:
@@ -289,9 +241,8 @@ def make_train_step(
 def replicate_state(tree: PyTree, *, axis_name: str = "batch") -> PyTree:
     """Copies a pytree (e.g. a :class:`TrainState`) to every local device for the pmapped step.
 
-    Same as ``flax.jax_utils.replicate`` but with the mesh axis named like the pmap axis: the
-    step's outputs then carry the same sharding as its inputs, so the second call does not
-    recompile (with flax's default axis name it does, once).
+    The mesh axis is named like the pmap axis, so the step's outputs keep the inputs' sharding and
+    the second call does not recompile.
 
     Args:
       tree: pytree of arrays.
@@ -305,9 +256,6 @@ def replicate_state(tree: PyTree, *, axis_name: str = "batch") -> PyTree:
 
 def pmap_train_step(step: StepFn, *, axis_name: str = "batch") -> StepFn:
     """Runs a per-device step over the local devices.
-
-    The state is replicated (leading device axis, see :func:`replicate_state`) and donated,
-    the batch is sharded (leading device axis), the center is broadcast.
 
     Args:
       step: from :func:`make_train_step` with the same ``axis_name``.

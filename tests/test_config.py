@@ -37,7 +37,23 @@ def test_every_config_file_is_valid_and_documents_its_command(path):
     else:
         validate_config(config)
     assert f"--config configs/{path.name}" in module.__doc__
-    assert "Expected" in module.__doc__
+
+
+def _results_paragraph(doc):
+    paragraphs = [p for p in doc.split("\n\n") if p.lstrip().startswith("Results")]
+    assert len(paragraphs) == 1, "one paragraph starting with 'Results'"
+    return " ".join(paragraphs[0].split())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_says_where_its_numbers_come_from(path):
+    doc = _load(path).__doc__
+    assert "Expected" not in doc, "state measured or published numbers, not expectations"
+    results = _results_paragraph(doc)
+    measured = "measured" in results and "benchmarks/results/" in results
+    published = "not measured with this project" in results and "Published" in results
+    nothing = results.startswith("Results: none to compare")
+    assert measured or published or nothing, results
 
 
 def test_shipped_configs_cover_the_protocols():
@@ -66,6 +82,8 @@ def test_unknown_keys_list_the_valid_ones():
         ("batch_size", 0, "must be > 0"),
         ("epochs", -1, "must be >= 0"),
         ("threshold_quantile", 1.0, "must lie in"),
+        ("threshold_fpr", 0.0, "must lie in"),
+        ("calibration_holdout", 1.0, "must lie in"),
         ("crop", -2, "crop"),
     ],
 )
@@ -75,6 +93,16 @@ def test_bad_values_name_the_key(key, value, fragment):
     with pytest.raises(ConfigError, match=fragment) as info:
         validate_config(config)
     assert f"config.{key}" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_threshold_quantile_of_earlier_versions_sets_the_target_fpr():
+    config = default_config()
+    config.threshold_quantile = 0.9  # an earlier config file
+    assert validate_config(config).threshold_fpr == pytest.approx(0.1)
+    config.threshold_fpr = 0.2
+    with pytest.raises(ConfigError, match="contradicts config.threshold_fpr=0.2") as info:
+        validate_config(config)
     assert "\n" not in str(info.value)
 
 

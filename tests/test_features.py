@@ -9,7 +9,6 @@ from test_train_step import IMAGE, TinyNet, tiny_variables
 
 from msad_jax.features import (
     center_from_sum,
-    compute_center,
     extract_features,
     extract_features_and_center,
     feature_step,
@@ -77,10 +76,12 @@ def test_extract_features_in_input_order_with_padding_dropped(setup):
 def test_center_is_the_mean_of_normalised_features(setup):
     variables, images, extractor, replicated = setup
     phi = reference_phi(variables, images)
-    center = compute_center(extractor, replicated, to_batches(images, 1, 5))
+    _, center = extract_features_and_center(extractor, replicated, to_batches(images, 1, 5))
     np.testing.assert_allclose(center, phi.mean(axis=0), rtol=0, atol=1e-6)
     assert np.linalg.norm(center) < 1.0  # not re-normalised unless asked
-    unit = compute_center(extractor, replicated, to_batches(images, 1, 5), normalize=True)
+    _, unit = extract_features_and_center(
+        extractor, replicated, to_batches(images, 1, 5), normalize=True
+    )
     mean = phi.mean(axis=0)
     np.testing.assert_allclose(unit, mean / np.linalg.norm(mean), rtol=0, atol=1e-6)
     feats, center2 = extract_features_and_center(
@@ -108,11 +109,11 @@ def test_bad_batches_raise_clear_errors(setup):
     with pytest.raises(ValueError, match="needs 'image' and 'mask'"):
         extract_features(extractor, replicated, [{"image": images[None, :4]}])
     with pytest.raises(ValueError, match="no batches"):
-        compute_center(extractor, replicated, [])
+        extract_features_and_center(extractor, replicated, [])
     all_padding = to_batches(images[:5], 1, 5)
     all_padding[0]["mask"][:] = False
     with pytest.raises(ValueError, match="no valid"):
-        compute_center(extractor, replicated, all_padding)
+        extract_features_and_center(extractor, replicated, all_padding)
 
 
 MULTI_DEVICE_SOURCE = """

@@ -154,10 +154,18 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     interrupted_at = RunCheckpoints(killed / "checkpoints").latest_step()
     assert 7 < interrupted_at < KILL_AFTER_STEPS  # a mid-epoch checkpoint of epoch 2
     assert not (killed / "report.json").exists()
+    lock = json.loads((killed / "run.lock").read_text())  # left behind by the killed run
+    assert {"host", "pid", "started"} <= set(lock) and lock["pid"] != os.getpid()
+    logged = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if "loss" in r]
+    assert logged == list(range(1, len(logged) + 1)) and logged[-1] > interrupted_at
 
-    resumed = _main(killed)
+    resumed = _main(killed)  # takes the dead run's lock over
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from step {interrupted_at}" in resumed.stderr
+    assert not (killed / "run.lock").exists()
+    records = read_metrics(killed / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 15))  # each step once
+    assert [r["epoch"] for r in records if "auroc" in r] == [0, 1, 2]
     uninterrupted = _main(clean)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
@@ -209,16 +217,86 @@ def test_missing_weights_offline_say_where_to_put_them(tmp_path):
     _assert_one_line_error(proc, "resnet18-f37072fd.pth", str(tmp_path / "cache"))
 
 
-def test_corrupt_checkpoint_is_reported(tmp_path, smoke_run):
+def test_damaged_checkpoint_leaves_scoring_alone_and_training_resumes_before_it(
+    tmp_path, smoke_run
+):
     import shutil
 
-    workdir = tmp_path / "corrupt"
+    workdir = tmp_path / "damaged"
     shutil.copytree(smoke_run[0], workdir)
-    for path in (workdir / "checkpoints" / "14" / "state").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"garbage")
-    proc = _main(workdir)
-    _assert_one_line_error(proc, "cannot be read", "delete that folder")
+    data_files = [p for p in (workdir / "checkpoints" / "14" / "state").rglob("*") if p.is_file()]
+    largest = max((p for p in data_files if "d" in p.parts), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # bytes overwritten in place
+    largest.write_bytes(data)
+    folder = str(workdir / "checkpoints" / "14")
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(images / "grey.png")
+    # The detector file carries the parameters it was built with: scoring reads no checkpoint.
+    scored = _run("-m", "msad_jax.score", "--workdir", str(workdir), str(images))
+    undamaged = _run("-m", "msad_jax.score", "--workdir", str(smoke_run[0]), str(images))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert scored.stdout.split("\t")[1:] == undamaged.stdout.split("\t")[1:]
+
+    resumed = _main(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reported = [line for line in resumed.stderr.splitlines() if "is damaged" in line]
+    assert len(reported) == 1 and f"{folder} is damaged" in reported[0]
+    assert f"moved it to {workdir / 'damaged_checkpoints' / '14'}" in reported[0]
+    assert (workdir / "damaged_checkpoints" / "14" / "state").is_dir()  # kept, not deleted
+    assert "Resuming from step 12" in resumed.stderr
+    records = read_metrics(workdir / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 15))
+    assert [r["epoch"] for r in records if "auroc" in r] == [0, 1, 2]
+    # Resumed from the intact step 12: the same result as the undamaged run.
+    original = json.loads((smoke_run[0] / "report.json").read_text())
+    assert json.loads((workdir / "report.json").read_text())["final"] == original["final"]
+
+
+def test_second_live_run_on_a_workdir_is_refused_at_once(tmp_path):
+    import socket
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "started": "2026-01-01T10:00"}
+        (tmp_path / "run.lock").write_text(json.dumps(lock))
+        proc = _main(tmp_path)
+        _assert_one_line_error(proc, f"process {holder.pid} on host", "2026-01-01T10:00")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]  # nothing else done
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    _assert_one_line_error(_main(path), f"--workdir {path} is an existing file")
+    assert path.read_text() == "mine"
+
+
+def test_cifar10_offline_without_tensorflow_says_what_to_do(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: the dataset would be prepared")
+    proc = _run(
+        "-m", "msad_jax.main", "--config", os.path.join(ROOT, "configs", "cifar10.py"),
+        "--workdir", str(tmp_path / "run"), "--config.backbone=resnet_tiny",
+        "--config.pretrained=False", env={"TFDS_DATA_DIR": str(tmp_path / "tfds")},
+    )  # fmt: skip
+    _assert_one_line_error(proc, "pip install 'msad_jax[tf]'", str(tmp_path / "tfds"))
+    assert "Variant folder" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_debug_switch_gives_the_traceback_of_a_user_error(tmp_path):
+    proc = _main(tmp_path, "--config.dataset=imagenet", env={"MSAD_JAX_DEBUG": "1"})
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
 
 
 def test_missing_config_file(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from msad_jax import notebook_utils as nu
 from msad_jax.config import ConfigError, default_config
-from msad_jax.data import protocols, synthetic
+from msad_jax.data import registry, synthetic
 
 
 def test_smoke_mode_reads_the_environment_variable():
@@ -118,8 +118,8 @@ def test_list_images_sorts_naturally_and_skips_other_files(tmp_path):
 def test_class_folders_load_as_a_folder_dataset(tmp_path):
     root = nu.write_class_folders(tmp_path / "d", (2, 7), train_per_class=5, test_per_class=3)
     names = [synthetic.CLASS_NAMES[2], synthetic.CLASS_NAMES[7]]
-    assert protocols.class_names("folder", path=root) == names
-    data = protocols.load_one_class("folder", 1, path=root)
+    assert registry.class_names("folder", path=root) == names
+    data = registry.load_one_class("folder", 1, path=root)
     assert data.train_images.shape == (5, 32, 32, 3)
     np.testing.assert_array_equal(data.test_labels, [1, 1, 1, 0, 0, 0])
 
@@ -149,7 +149,7 @@ def test_prepare_splits_normal_images_and_loads_as_folder(tmp_path):
     assert sorted(train + test) == _names(src / "normal")
     assert _names(data_dir / "test/anomalous") == _names(src / "anomalous")
     assert [p.name for p in prepared.new_images] == ["x_0000.png", "x_0001.png", "x_0002.png"]
-    data = protocols.load_one_class("folder", 0, path=data_dir)
+    data = registry.load_one_class("folder", 0, path=data_dir)
     assert len(data.train_images) == 15
     assert sorted(data.test_labels.tolist()) == [0] * 5 + [1] * 4
     # Deterministic in the seed, and a rerun replaces its own earlier output.

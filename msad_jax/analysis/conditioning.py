@@ -1,47 +1,10 @@
 """The conditioning argument of MSC as functions to differentiate (SPEC §1, §10).
 
-Pretrained features of one class sit in a narrow cone around their center. The standard NT-Xent
-loss on phi then starts far from the optimum of its *uniformity* term, whose gradient pushes every
-feature away from the center; the *alignment* term (pulling two views of an image together) is
-comparatively weak. MSC computes the same loss on ``theta = normalize(phi - c)``, around which the
-normal features are already spread out, so alignment and uniformity are balanced. This module
-measures that with ``jax.grad``/``jax.jvp``; :mod:`msad_jax.analysis.hessian` adds the curvature.
-
-Conventions used throughout:
-
-* ``feats1``, ``feats2``: ``[B, D]`` backbone outputs of two views of the same ``B`` images (row
-  ``b`` of each is the same image). They may have any norm: every function normalises them to
-  ``phi = feats / ||feats||`` first, exactly as the training step does, so gradients "w.r.t. the
-  features" are gradients w.r.t. the backbone output (the quantity back-propagated into the
-  network). At unit-norm inputs that gradient is the tangential part of the gradient w.r.t. phi.
-* ``loss``: ``'contrastive'`` (NT-Xent on ``z = phi``) or ``'msc'`` (NT-Xent on
-  ``z = theta = normalize(phi - c)`` with the center ``c``, SPEC §4), the names of
-  ``config.loss``. Inside jitted code the choice is a traced number,
-  ``z = normalize(phi - shift * c)`` with ``shift`` 0 or 1 (:func:`loss_shift`), so one
-  compilation serves both losses.
-* ``center``: the center of the normal features as the training step gets it (the mean of phi,
-  norm below 1; unit norm only with the angular term). Compactness always uses its direction.
-* NT-Xent splits exactly into ``align = -(1/2B) sum_i z_i.z_p(i) / tau`` and
-  ``uniform = (1/2B) sum_i log sum_{j != i} exp(z_i.z_j / tau)`` (the split of
-  :func:`msad_jax.losses.align_uniform_terms`).
-* Gradient sizes are global L2 norms over the whole array or pytree; the balance of two gradients
-  is their norms, the ratio ``||grad uniform|| / ||grad align||`` and the cosine between them.
-
-Exact property (tested): ``d theta / d phi = (I - theta theta^T) / ||phi - c||``, so the gradient of
-the MSC loss w.r.t. phi is orthogonal to ``phi - c``: the loss sees only the direction of each
-feature from the center, never its distance. (Once projected onto the unit sphere that phi lives
-on, the gradient can still change the cosine to the center: the radial drift measures that.)
-
-The radial drift: the first-order change of compactness (mean cosine of phi to the center
-direction, over a fixed set of images) caused by ONE optimiser step,
-``d/de compactness(params + e * delta) at e = 0`` with the update direction
-``delta = -lr * (g + wd * p)`` for trainable parameters ``p`` (``g`` = gradient of the batch loss,
-alignment + uniformity) and ``delta = 0`` for frozen ones: exactly the SGD step of
-:func:`msad_jax.optimizer.make_optimizer` (SPEC §5). Negative drift = the step spreads the class
-away from its center (what the standard loss does), computed with one ``jax.jvp``.
-
-The command ``python -m msad_jax.analysis.conditioning --config ... --workdir ...`` trains with both
-losses side by side and records all of this every epoch (:mod:`msad_jax.analysis.study`).
+Pretrained features of one class sit in a narrow cone; NT-Xent on phi is then dominated by its
+uniformity term, while MSC's ``theta = normalize(phi - c)`` balances alignment and uniformity.
+The functions measure it with ``jax.grad``/``jax.jvp``: gradient norms of the two terms, and
+the radial drift, the first-order change of compactness caused by one SGD step of the optimizer.
+Features may have any norm (normalised inside, as the training step does).
 """
 
 from __future__ import annotations
@@ -54,13 +17,12 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
-from msad_jax.losses import align_uniform_terms, l2_normalize, mean_shift
-from msad_jax.optimizer import trainable_mask
+from msad_jax.losses import LOSSES, align_uniform_terms, l2_normalize
+from msad_jax.optimizer import combine, make_optimizer, partition
 
 PyTree = Any
-
-LOSSES = ("contrastive", "msc")
 
 
 class LossSplit(NamedTuple):
@@ -143,7 +105,7 @@ def compactness(phi: jax.Array, center: jax.Array) -> jax.Array:
       center: ``[D]`` center (only its direction matters).
 
     Returns:
-      Scalar in [-1, 1]; 1 = every feature on the center's ray. With the features' own mean as
+      Scalar in [-1, 1]; 1 = every feature on the center's ray.
       the center it equals ``||mean phi||``.
     """
     phi = l2_normalize(_float(phi))
@@ -159,16 +121,9 @@ def compactness(phi: jax.Array, center: jax.Array) -> jax.Array:
 def uniformity(u: jax.Array, t: float = 2.0) -> jax.Array:
     """Wang & Isola's uniformity ``log mean_{i != j} exp(-t ||u_i - u_j||^2)``.
 
-    Computed with log-sum-exp over the ``N (N - 1)`` ordered pairs (``N^2`` memory: pass at most a
-    few thousand rows). For unit vectors it lies in ``[-4t, 0]``: 0 = all vectors equal, and
-    about ``-2t`` when they are spread uniformly over a high-dimensional sphere.
-
     Args:
       u: ``[N, D]`` vectors, used as given (pass phi or theta), ``N >= 2``.
       t: the scale (2 in the paper).
-
-    Returns:
-      Scalar.
     """
     u = _float(u)
     if u.ndim != 2 or u.shape[0] < 2:
@@ -182,28 +137,8 @@ def uniformity(u: jax.Array, t: float = 2.0) -> jax.Array:
     return jax.nn.logsumexp(logits) - math.log(n * (n - 1))
 
 
-def embed(phi: jax.Array, center: jax.Array | None, loss: str) -> jax.Array:
-    """The vectors NT-Xent sees: ``phi`` (contrastive) or ``normalize(phi - c)`` (msc).
-
-    Args:
-      phi: ``[N, D]`` unit-norm features.
-      center: ``[D]`` center (unused for 'contrastive').
-      loss: 'contrastive' or 'msc'.
-
-    Returns:
-      ``[N, D]`` unit vectors.
-    """
-    check_loss(loss, center)
-    if loss == "msc":
-        return mean_shift(phi, jnp.asarray(center, phi.dtype))
-    return phi
-
-
 def loss_shift(loss: str, center: jax.Array | None = None) -> float:
     """The loss as a number: ``z = normalize(phi - shift * c)``, 0 = contrastive, 1 = msc.
-
-    For unit phi, ``normalize(phi - 0 * c) = phi``: both losses are one function of a traced
-    ``shift``, so jitted code compiles once for both (the private ``_*`` functions take it).
 
     Raises:
       ValueError: for an unknown loss, or 'msc' without a center.
@@ -237,18 +172,12 @@ def loss_split(
 ) -> LossSplit:
     """Alignment and uniformity terms of the standard or the MSC loss of a two-view batch.
 
-    ``split.total`` equals :func:`msad_jax.losses.contrastive_loss` (contrastive) or
-    :func:`msad_jax.losses.mean_shifted_contrastive_loss` (msc) on the same features.
-
     Args:
       feats1: ``[B, D]`` backbone outputs (or phi) of view 1.
       feats2: ``[B, D]`` of view 2.
       center: ``[D]`` center (needed for 'msc').
       loss: 'contrastive' or 'msc'.
       temperature: ``tau``.
-
-    Returns:
-      The :class:`LossSplit`.
     """
     _check_views(feats1, feats2)
     shift = loss_shift(loss, center)
@@ -277,9 +206,6 @@ def feature_gradients(
 ) -> tuple[jax.Array, jax.Array]:
     """Gradients of ``L_align`` and ``L_unif`` w.r.t. the stacked features ``[feats1; feats2]``.
 
-    The features are normalised inside, so the gradients are those w.r.t. the backbone output;
-    each is orthogonal (row by row) to its feature.
-
     Args:
       feats1: ``[B, D]`` view 1.
       feats2: ``[B, D]`` view 2.
@@ -295,17 +221,6 @@ def feature_gradients(
     return _feature_gradients(feats1, feats2, center, shift, temperature=temperature)
 
 
-def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
-    """Sum over all leaves of the elementwise products (scalar, at least float32)."""
-    products = jax.tree_util.tree_map(lambda x, y: jnp.sum(_float(x) * _float(y)), a, b)
-    return sum(jax.tree_util.tree_leaves(products), jnp.zeros((), jnp.float32))
-
-
-def tree_norm(a: PyTree) -> jax.Array:
-    """Global L2 norm of an array or pytree."""
-    return jnp.sqrt(tree_dot(a, a))
-
-
 @jax.jit
 def gradient_balance(grad_align: PyTree, grad_uniform: PyTree) -> GradientBalance:
     """Norms, ratio and cosine of two gradients (arrays or pytrees of the same structure).
@@ -313,13 +228,10 @@ def gradient_balance(grad_align: PyTree, grad_uniform: PyTree) -> GradientBalanc
     Args:
       grad_align: gradient of the alignment term.
       grad_uniform: gradient of the uniformity term.
-
-    Returns:
-      The :class:`GradientBalance`.
     """
-    align_norm = tree_norm(grad_align)
-    uniform_norm = tree_norm(grad_uniform)
-    dot = tree_dot(grad_align, grad_uniform)
+    align_norm = optax.tree.norm(grad_align)
+    uniform_norm = optax.tree.norm(grad_uniform)
+    dot = optax.tree.vdot(grad_align, grad_uniform)
     tiny = jnp.asarray(1e-30, jnp.float32)
     cosine = dot / jnp.maximum(align_norm * uniform_norm, tiny)
     return GradientBalance(
@@ -368,23 +280,6 @@ def backbone_features(model: nn.Module, variables: PyTree, images: jax.Array) ->
     return model.apply(variables, images, train=False).astype(jnp.float32)
 
 
-def _partition(params: PyTree, frozen: Sequence[str]):
-    """(trainable leaves, rebuild(trainable_leaves, fill) -> params, flags) of a param tree."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    flags = jax.tree_util.tree_leaves(trainable_mask(params, tuple(frozen)))
-    trainable = [leaf for leaf, keep in zip(leaves, flags, strict=True) if keep]
-
-    def rebuild(values: Sequence[jax.Array], fill=None) -> PyTree:
-        it = iter(values)
-        out = [
-            next(it) if keep else (leaf if fill is None else fill(leaf))
-            for leaf, keep in zip(leaves, flags, strict=True)
-        ]
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    return trainable, rebuild
-
-
 def parameter_gradients(
     model: nn.Module,
     variables: PyTree,
@@ -398,11 +293,6 @@ def parameter_gradients(
 ) -> ParameterGradients:
     """Gradients of ``L_align`` and ``L_unif`` w.r.t. the trainable parameters.
 
-    One forward pass of both views (BatchNorm in inference mode, as in training), then the two
-    feature gradients are pulled back with one shared VJP. Frozen parameters are not
-    differentiated (no backward pass through frozen stages) and get zero gradients. The sum of
-    the two gradients is the gradient the training step of the same loss uses.
-
     Args:
       model: Flax backbone.
       variables: ``{'params': ..., 'batch_stats': ...}``.
@@ -412,9 +302,6 @@ def parameter_gradients(
       loss: 'contrastive' or 'msc'.
       temperature: ``tau``.
       frozen: regexes of frozen parameters (as in :func:`msad_jax.optimizer.make_optimizer`).
-
-    Returns:
-      The :class:`ParameterGradients`.
     """
     shift = loss_shift(loss, center)
     if views1.shape != views2.shape:
@@ -444,11 +331,13 @@ def _parameter_gradients(
     frozen: tuple[str, ...],
 ) -> ParameterGradients:
     b = views1.shape[0]
-    trainable, rebuild = _partition(variables["params"], frozen)
+    trainable, fixed = partition(variables["params"], frozen)
 
-    def features_of(values: list[jax.Array]) -> jax.Array:
+    def features_of(trainable: PyTree) -> jax.Array:
         return backbone_features(
-            model, {**variables, "params": rebuild(values)}, jnp.concatenate([views1, views2])
+            model,
+            {**variables, "params": combine(trainable, fixed)},
+            jnp.concatenate([views1, views2]),
         )
 
     feats, pullback = jax.vjp(features_of, trainable)
@@ -458,9 +347,10 @@ def _parameter_gradients(
     (grad_align,) = pullback(grad_align_f)
     (grad_uniform,) = pullback(grad_uniform_f)
     split = _loss_split(feats[:b], feats[b:], center, shift, temperature=temperature)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, fixed)
     return ParameterGradients(
-        align=rebuild(grad_align, fill=jnp.zeros_like),
-        uniform=rebuild(grad_uniform, fill=jnp.zeros_like),
+        align=combine(grad_align, zeros),
+        uniform=combine(grad_uniform, zeros),
         features=feats,
         split=split,
     )
@@ -474,29 +364,11 @@ def update_direction(
     weight_decay: float,
     frozen: Sequence[str] = (),
 ) -> PyTree:
-    """One SGD step's parameter change ``-lr * (g + wd * p)``; zero for frozen parameters.
-
-    This is exactly the update of :func:`msad_jax.optimizer.make_optimizer` (no momentum,
-    coupled weight decay, SPEC §5), so ``params + update_direction(...)`` is the next step's
-    parameters.
-
-    Args:
-      grads: gradient pytree of the batch loss.
-      params: current parameters.
-      learning_rate: ``lr``.
-      weight_decay: ``wd``.
-      frozen: regexes of frozen parameters.
-
-    Returns:
-      A pytree like ``params``.
-    """
-    mask = trainable_mask(params, tuple(frozen))
-    return jax.tree_util.tree_map(
-        lambda keep, g, p: -learning_rate * (g + weight_decay * p) if keep else jnp.zeros_like(p),
-        mask,
-        grads,
-        params,
+    """One SGD step's parameter change ``-lr * (g + wd * p)``; zero for frozen parameters."""
+    tx = make_optimizer(
+        params, learning_rate=learning_rate, weight_decay=weight_decay, frozen=tuple(frozen)
     )
+    return tx.update(grads, tx.init(params), params)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -508,9 +380,6 @@ def radial_drift(
     direction: PyTree,
 ) -> tuple[jax.Array, jax.Array]:
     """Compactness of ``images`` and its directional derivative along ``direction`` (jax.jvp).
-
-    With ``direction`` from :func:`update_direction` the derivative is the first-order change of
-    compactness caused by one optimiser step (negative = the class spreads away from its center).
 
     Args:
       model: Flax backbone.

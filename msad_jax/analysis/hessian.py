@@ -1,33 +1,7 @@
 """Curvature of the contrastive losses w.r.t. the features of a small batch (SPEC §10).
 
-The object: the Hessian of ``L(feats) = NT-Xent(z(normalize(feats)))`` w.r.t. the flattened
-``[2B * D]`` features of a two-view batch, evaluated at the unit features phi. Its spectrum is
-the "conditioning" of the paper in the literal sense.
-
-The null space, and how it is treated. ``L`` is invariant to the norm of every feature
-(``L(s * f_i) = L(f_i)`` for ``s > 0``), so only directions tangent to the spheres matter.
-The raw Hessian is *not* simply singular along the radial directions: differentiating
-``grad_i L(f) . f_i = 0`` gives ``H (e_i x f_i) = -(e_i x grad_i L)`` at unit features, which
-mixes the radial direction with the gradient and puts spurious pairs ``+-||grad_i L||`` into the
-spectrum. We therefore restrict the Hessian to the tangent space of the product of spheres,
-``T = {V : V_i . phi_i = 0 for every row i}`` (dimension ``2B (D - 1)``). At unit features this
-restriction equals the Riemannian Hessian of the loss on the product of unit spheres, and the
-``2B`` radial directions are removed exactly rather than thresholded. Eigenvalues that are still
-tiny (``|lambda| <= null_rtol * max |lambda|``) are counted as null and excluded from the
-condition number ``max |lambda| / min |lambda|`` over the rest; negative eigenvalues (the loss is
-not convex) are counted and reported, and enter the condition number through ``|lambda|``.
-
-Exact reduction that makes ``D = 1280`` cheap. ``L`` depends on the features only through the
-Gram matrix of the rows of ``[F; c]`` (``c`` the center, for MSC). Let ``S`` be the span of those
-rows (dimension ``k <= 2B + 1``; the center is included whenever it is given, which is harmless
-for the standard loss). A perturbation whose rows lie in ``S^perp`` changes the Gram
-matrix only at second order and has no cross term with perturbations inside ``S``, so the
-Hessian is block diagonal: (a) its restriction to rows in ``S`` (``2B k`` coordinates, computed
-with ``jax.hessian`` in an orthonormal basis of ``S``, then restricted to the tangent space:
-``2B (k - 1)`` eigenvalues), and (b) in ``S^perp`` ``D - k`` identical copies of one ``2B x 2B``
-matrix (``jax.hessian`` along a single unit direction ``w`` in ``S^perp``:
-``t -> L(F + t w^T)``). The tests check this against
-the full ``[2B D, 2B D]`` Hessian and against finite differences.
+The loss is invariant to each feature's norm, so the Hessian is restricted to the tangent space
+of the product of spheres (the raw Hessian mixes radial directions with the gradient).
 """
 
 from __future__ import annotations
@@ -69,10 +43,6 @@ def feature_hessian(
     temperature: float = 0.25,
 ) -> jax.Array:
     """The full Hessian ``[2B D, 2B D]`` of the loss w.r.t. the flattened features at phi.
-
-    Rows are flattened in the order ``[view 1 rows; view 2 rows]``, each ``D`` long. Memory is
-    ``(2 B D)^2`` floats: for small ``D`` (tests, toy problems). Use :func:`hessian_spectrum` for
-    real features.
 
     Args:
       feats1: ``[B, D]`` view 1 (normalised here).
@@ -236,10 +206,6 @@ def hessian_spectrum(
 ) -> HessianSpectrum:
     """Spectrum of the tangent Hessian of the loss w.r.t. the features, at any ``D``.
 
-    Uses the exact block reduction of the module docstring; the result equals
-    :func:`tangent_eigenvalues` of :func:`feature_hessian` (with multiplicities) but costs
-    ``O((2B)^4)`` instead of ``O((2B D)^3)``.
-
     Args:
       feats1: ``[B, D]`` view 1 (the Hessian is taken at ``normalize(feats)``).
       feats2: ``[B, D]`` view 2.
@@ -248,9 +214,6 @@ def hessian_spectrum(
       temperature: ``tau``.
       null_rtol: relative threshold below which an eigenvalue counts as null.
       seed: seed of the random direction in ``S^perp`` (the result does not depend on it).
-
-    Returns:
-      The :class:`HessianSpectrum`.
     """
     shift = loss_shift(loss, center)
     rows = _unit_rows(feats1, feats2)

@@ -1,34 +1,10 @@
-"""The conditioning study: standard contrastive loss and MSC side by side from one pretrained start.
+"""The conditioning study: contrastive loss and MSC side by side from one pretrained start.
 
-:func:`run_study` (what ``python -m msad_jax.analysis.conditioning`` runs) does, for one normal
-class:
-
-1. load the data (optionally seeded subsets: ``config.train_images``, ``config.test_images``),
-   the backbone with its pretrained weights, and evaluate it: kNN ROC-AUC at epoch 0 and the
-   center ``c`` (mean of phi over the normal training images, fixed from then on);
-2. build a fixed *probe*: ``probe_size`` normal training images, two augmented views of each drawn
-   once with fixed keys, and their evaluation-transform versions;
-3. for each loss of ``study_losses`` (same initial parameters, same PRNG key, hence the same data
-   order and the same augmented views at every step), train epoch by epoch with the library's
-   training step (:func:`msad_jax.train_step.make_train_step`, SGD of SPEC §5), and at epoch 0 and
-   after every epoch record (:func:`measure`):
-
-   * kNN ROC-AUC and AP on the test set (gallery = phi of the training images);
-   * ``compactness``: mean cos(phi, c_hat) over the training images (c_hat = the pretrained
-     center's direction), and ``center_norm`` = ||mean phi|| (= compactness around the current
-     features' own center);
-   * ``uniformity_phi`` and ``uniformity_theta`` (theta = normalize(phi - c)) over the gallery;
-   * on the probe batch, for the run's own loss: the loss split, the cosine between the two views
-     (in phi and in the loss's space), the norms, ratio and cosine of the alignment and
-     uniformity gradients w.r.t. the features and w.r.t. the parameters;
-   * the radial drift: d compactness(probe images) along this loss's SGD update direction at the
-     probe batch (first-order change per step; ``radial_drift_epoch`` multiplies by the number of
-     steps of an epoch: a linear extrapolation, not a measurement);
-   * the spectrum of the tangent feature Hessian of the first ``hessian_size`` probe images
-     (:mod:`msad_jax.analysis.hessian`).
-
-4. write ``conditioning.json`` (after every epoch, so a stopped study keeps its curves),
-   ``conditioning.md`` and ``conditioning.png`` into the workdir.
+For one normal class, each loss starts from the same weights, key and data order; at epoch 0 and
+after every epoch it records kNN ROC-AUC and AP, compactness around the pretrained center,
+uniformity of phi and theta, and on a fixed probe batch: the loss split, the gradient balance
+(w.r.t. features and parameters), the radial drift of one SGD step and the tangent Hessian
+spectrum. ``conditioning.json`` is rewritten after every epoch; ``.md`` and ``.png`` at the end.
 """
 
 from __future__ import annotations
@@ -68,7 +44,7 @@ from msad_jax.data.protocols import OneClassData
 from msad_jax.features import make_feature_extractor
 from msad_jax.losses import mean_shift
 from msad_jax.optimizer import make_optimizer
-from msad_jax.train import (
+from msad_jax.run_setup import (
     frozen_patterns,
     load_data,
     model_and_variables,
@@ -114,9 +90,6 @@ def make_probe(images: np.ndarray, prep: transforms.Preprocessing, size: int, se
       prep: the preprocessing (augmentation output size and normalisation).
       size: number of probe images (at most ``N``).
       seed: seed of the choice of images and of the augmentations.
-
-    Returns:
-      The :class:`Probe`.
     """
     if size > len(images):
         raise ValueError(
@@ -143,14 +116,7 @@ def make_probe_fn(
     weight_decay: float,
     frozen: tuple[str, ...],
 ) -> Callable[..., dict[str, jax.Array]]:
-    """Jitted ``(variables, views1, views2, eval_images, center, shift) -> measurements``.
-
-    ``shift`` is :func:`msad_jax.analysis.conditioning.loss_shift` of the loss (0 contrastive,
-    1 msc; traced, so one compilation serves both losses). Returns scalars (loss split, view
-    cosines, gradient balances w.r.t. features and parameters, probe compactness and radial
-    drift along that loss's SGD step) and ``features`` ``[2P, D]`` (for the Hessian). Cached: the
-    same arguments (all hashable; ``frozen`` a tuple) give the same compiled function.
-    """
+    """Jitted ``(variables, views1, views2, eval_images, center, shift) -> measurements``."""
 
     @jax.jit
     def fn(variables, views1, views2, eval_images, center, shift):
@@ -223,7 +189,7 @@ def measure(
     hessian_size: int,
     hessian_top: int,
 ) -> dict[str, Any]:
-    """Probe measurements of one model for one loss (see the module docstring)."""
+    """Probe measurements of one model for one loss (what the module docstring lists)."""
     out = jax.device_get(
         probe_fn(
             variables,

@@ -28,15 +28,27 @@ def _config_path(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _parse(argv: Sequence[str]) -> tuple[object, str]:
-    """Parses ``argv``; returns (config, workdir) or raises ValueError/FileNotFoundError."""
-    from msad_jax.analysis.study_config import check_study_keys
-
+def _define_flags() -> tuple[flags.FlagValues, flags.FlagHolder, flags.FlagHolder]:
+    """The command's flags, on their own ``FlagValues``: (values, config, workdir)."""
     values = flags.FlagValues()
     config = config_flags.DEFINE_config_file(
         "config", None, "Study config file (configs/conditioning*.py).", flag_values=values
     )
     workdir = flags.DEFINE_string("workdir", None, "Output folder.", flag_values=values)
+    return values, config, workdir
+
+
+def usage() -> str:
+    """What ``--help`` prints: this module's description and the flags."""
+    values, _, _ = _define_flags()
+    return f"{__doc__.strip()}\n\nflags:\n{values.get_help()}\n"
+
+
+def _parse(argv: Sequence[str]) -> tuple[object, str]:
+    """Parses ``argv``; returns (config, workdir) or raises ValueError/FileNotFoundError."""
+    from msad_jax.analysis.study_config import check_study_keys
+
+    values, config, workdir = _define_flags()
     overrides = [a[len("--config.") :].split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     check_study_keys(key.split(".")[0] for key in overrides)
     path = _config_path(argv)
@@ -58,6 +70,11 @@ def _parse(argv: Sequence[str]) -> tuple[object, str]:
 def run_cli(argv: Sequence[str] | None = None) -> None:
     """Parses the command line and runs :func:`msad_jax.analysis.study.run_study`."""
     argv = list(sys.argv if argv is None else argv)
+    from msad_jax import console
+
+    if console.wants_help(argv):
+        print(usage())
+        raise SystemExit(0)
     try:
         config, workdir = _parse(argv)
     except Exception as err:  # noqa: BLE001 -- every parsing failure is a usage error here.
@@ -67,8 +84,7 @@ def run_cli(argv: Sequence[str] | None = None) -> None:
     from msad_jax.analysis.study import run_study
     from msad_jax.errors import user_errors
 
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("msad_jax").setLevel(logging.INFO)
+    console.log_to_console(level=logging.INFO)  # lines via tqdm.write: clear of the bars
     with user_errors():
         results = run_study(config, workdir)
     ends = {loss: f"{100 * records[-1]['auroc']:.2f}%" for loss, records in results["runs"].items()}

@@ -1,24 +1,11 @@
 """Configuration of the conditioning study: the run schema plus a few study keys.
 
-:func:`study_config` is :func:`msad_jax.config.default_config` with the keys below added;
-:func:`validate_study_config` checks the study keys and validates the rest exactly like a training
-run's configuration. Study keys (defaults in :data:`STUDY_DEFAULTS`):
-
-``study_losses``        comma-separated losses trained side by side ('contrastive,msc').
-``probe_size``          images in the fixed probe batch (two fixed augmented views each) on which
-                        the loss split, gradient norms and the radial drift are measured.
-``hessian_size``        the first images of the probe batch used for the feature Hessian (B).
-``hessian_top``         number of top Hessian eigenvalues recorded.
-``uniformity_samples``  at most this many gallery rows (a fixed random subset) for uniformity.
-
-Keys of the run schema that the study uses: the data keys (including the seeded subsets
-``train_images`` and ``test_images``: the training subset is the training set, the kNN gallery
-and the set compactness and uniformity are measured on), the model and preprocessing keys,
-``frozen``, ``temperature``, ``learning_rate``, ``weight_decay``, ``batch_size``, ``epochs``,
-``max_steps`` (a cap on the steps of each loss), ``seed``, ``knn_k``, ``eval_batch_size``,
-``knn_memory_budget_mb``, ``progress`` and ``plots``. ``loss`` is ignored (``study_losses``
-decides), ``angular`` must be False, ``normal_class`` must be a single class; checkpoint,
-logging and threshold keys are unused (a study is not resumable: rerun it).
+Study keys (defaults in :data:`STUDY_DEFAULTS`): ``study_losses`` (comma-separated losses trained
+side by side), ``probe_size`` (images of the fixed probe batch), ``hessian_size`` (its first
+images used for the feature Hessian), ``hessian_top`` (top eigenvalues recorded) and
+``uniformity_samples`` (gallery rows for uniformity). Of the run keys, ``loss`` is ignored,
+``angular`` must be False and ``normal_class`` a single class; checkpoint and threshold keys are
+unused (a study is not resumable: rerun it).
 """
 
 from __future__ import annotations
@@ -27,8 +14,8 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from msad_jax.analysis.conditioning import LOSSES
 from msad_jax.config import ConfigError, default_config, validate_config
+from msad_jax.losses import LOSSES
 
 STUDY_DEFAULTS: dict[str, object] = {
     "study_losses": "contrastive,msc",
@@ -74,9 +61,6 @@ def run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def validate_study_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a study configuration (start config files from :func:`study_config`).
-
-    Returns:
-      The same configuration.
 
     Raises:
       ConfigError: naming the first problem and how to fix it.

@@ -1,18 +1,4 @@
-"""Synthetic "pretrained" features: one class in a narrow cone, two views per image.
-
-The model of SPEC §10's synthetic check. With the cone axis ``a`` (a random unit vector), image
-``b`` gets a random unit direction ``u_b`` orthogonal to ``a``; each view perturbs it,
-``v = normalize(u_b + view_noise * n / sqrt(D))`` with ``n`` standard normal projected orthogonal
-to ``a``, and the feature is ``phi = cosine * a + sqrt(1 - cosine^2) * v``. Every feature therefore
-has exactly the requested cosine to the axis (compactness = ``cosine``), images are spread
-uniformly around the axis, and ``view_noise`` sets how far apart the two views of an image are:
-after mean-shifting (``theta = normalize(phi - c)`` with ``c = cosine * a``) the views are the unit
-vectors ``v``, so the angle between them is about ``view_noise`` radians, while in phi it is
-``sqrt(1 - cosine^2)`` times smaller.
-
-The center returned is the population mean of phi, ``cosine * a`` (the limit of the mean over
-many images; what the pretrained center is to MSC).
-"""
+"""Synthetic "pretrained" features: one class in a narrow cone, two views per image."""
 
 from __future__ import annotations
 

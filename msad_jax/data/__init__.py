@@ -18,24 +18,11 @@ from msad_jax.data.pipeline import (
     steps_per_epoch,
     train_batches,
 )
-from msad_jax.data.protocols import (
-    DATASETS,
-    LabelledArrays,
-    OneClassData,
-    class_names,
-    load_one_class,
-    num_classes,
-    one_class_from_labelled,
-)
+from msad_jax.data.protocols import LabelledArrays, OneClassData, one_class_from_labelled
+from msad_jax.data.registry import DATASETS, class_names, load_one_class, num_classes
 from msad_jax.data.tfds_sources import CATS_VS_DOGS_SEED, cats_vs_dogs_split, open_tfds
-from msad_jax.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Preprocessing,
-    eval_transform,
-    make_preprocess_fn,
-    normalize,
-)
+from msad_jax.data.transforms import eval_transform, make_preprocess_fn, normalize
+from msad_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 __all__ = [
     "CATS_VS_DOGS_SEED",

@@ -1,64 +1,11 @@
 """MoCo-v2 training augmentation on device (SPEC §6), one PRNG key per example.
 
-Pipeline, in torchvision's order, each image independently::
-
-    RandomResizedCrop(S, scale=(0.2, 1), ratio=(3/4, 4/3), bilinear)
-    RandomApply(ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1), p=0.8)
-    RandomGrayscale(p=0.2)
-    RandomApply(GaussianBlur(sigma ~ U[0.1, 2.0]), p=0.5)
-    RandomHorizontalFlip(p=0.5)
-    ToTensor + Normalize(prep.mean, prep.std)
-
-The random decisions are drawn first (:func:`sample_augment_params`, a pytree of per-example
-numbers and flags) and then applied (:func:`apply_augment_params`); :func:`train_augment` is
-exactly ``apply(sample(key))`` per example, so tests can check the sampling distribution and the
-image operations separately. Everything has static shapes and jits/vmaps; an optional operation
-that was not drawn runs with identity parameters (see :func:`apply_augment_params`).
-
-Where each operation comes from (dm-pix 0.4.5 was checked op by op against torchvision):
-
-- RandomResizedCrop parameters: hand-written (dm-pix has no equivalent). torchvision's sampler:
-  10 attempts of (area fraction ~ U[0.2, 1], log aspect ratio ~ U[log 3/4, log 4/3]),
-  ``w = round(sqrt(area * r))``, ``h = round(sqrt(area / r))``, the first attempt that fits wins,
-  top/left uniform integers; if none fits, the central crop clamped to the ratio range. The 10
-  attempts are drawn at once and the first valid one selected, so the loop has a fixed size.
-- Crop + resize: hand-written. Pillow's antialiased bilinear filter, built as two weight matrices
-  from the traced crop box (``msad_jax.data.transforms``), so crop and resize are one separable
-  resampling per image (no dynamic shapes, no resize-of-crop). The horizontal flip is folded into
-  the column weights (reversed rows): every later operation commutes with a mirror (per-pixel
-  colour ops, the global mean of contrast, the symmetric blur with symmetric padding), so this
-  equals flipping at the end, as torchvision does.
-- Brightness: hand-written; torchvision multiplies by a factor and clamps
-  (``pix.adjust_brightness`` adds a delta: different).
-- Contrast: hand-written; torchvision blends with the mean of the grayscale image, a scalar,
-  and clamps (``pix.adjust_contrast`` uses per-channel means and does not clamp: different).
-- Saturation: hand-written; torchvision blends with the grayscale image and clamps
-  (``pix.adjust_saturation`` scales S in HSV: different).
-- Hue: ``pix.adjust_hue`` (RGB -> HSV, ``h = (h + delta) mod 1``, back), torchvision's tensor
-  semantics.
-- Grayscale (also inside contrast and saturation): hand-written as a weighted sum of the planes
-  with ``pix.rgb_to_grayscale``'s rec601 weights (0.2989, 0.587, 0.114), which are torchvision's;
-  ``pix.rgb_to_grayscale(channel_axis=0)`` gives the same numbers but its tensordot was about 2x
-  slower under vmap on CPU.
-- Gaussian blur: hand-written separable 13-tap convolution with edge-replicating borders; the
-  kernel is built exactly as ``pix.gaussian_blur`` builds it (``exp(-x^2 / 2 sigma^2)``,
-  normalised). ``pix.gaussian_blur`` itself does not fit: its 'SAME' padding is zero padding
-  (darkens borders; 'VALID' on a pre-padded image would work), and under vmap with a per-example
-  sigma its convolution becomes a grouped convolution that ran about 4x slower on CPU than the 13
-  shifted multiply-adds. MoCo v2 blurs with PIL's ``ImageFilter.GaussianBlur(radius=sigma)``,
-  which replicates edge pixels (hence edge padding) and approximates the Gaussian by repeated box
-  blurs; here the Gaussian is exact, truncated at radius 6 = 3 * sigma_max (99.7% of the mass at
-  sigma = 2, float-exact for small sigma), fixed so the shape is static.
-- Flip: folded into the crop weights (see above); ``pix.flip_left_right`` would do the same.
-- Colour jitter order: a random permutation of the four operations per example, like
-  ``torch.randperm(4)``. The three blends (brightness, contrast, saturation) are cheap and the
-  hue shift is not, so the permutation is applied as three blend slots, the hue shift, three
-  blend slots: a blend slot whose operation is not at that position uses factor 1 (identity).
-  Each operation runs exactly once, in permutation order, with one HSV round trip per image.
-
-Values: float32 in [0, 1] between operations (clamped like torchvision's float tensors), never
-rounded to 8 bits (Pillow rounds; the distributions match, bits do not: SPEC §6 asks for the
-distribution).
+torchvision's pipeline (RandomResizedCrop, ColorJitter p=0.8 in random order, RandomGrayscale
+p=0.2, GaussianBlur p=0.5, flip) in float32 with static shapes. Decisions are drawn first
+(:func:`sample_augment_params`) and then applied (:func:`apply_augment_params`), so tests check
+each separately. Brightness, contrast, saturation, crop and blur are written here because dm-pix's
+versions differ from torchvision's (offset vs factor, per-channel means, zero padding); hue uses
+``pix.adjust_hue``. The flip is folded into the crop's resampling weights.
 """
 
 from __future__ import annotations
@@ -178,12 +125,7 @@ _CROP_DRAWS = 2 * CROP_ATTEMPTS + 2
 
 
 def sample_augment_params(key: jax.Array, height: int, width: int) -> AugmentParams:
-    """Draws the MoCo-v2 decisions for one image of static size ``height x width``.
-
-    All randomness comes from one vector of independent U[0, 1) numbers (one PRNG call, which
-    compiles much faster than a dozen): crop draws, then the flags and factors, then four numbers
-    whose argsort is the uniformly random jitter order.
-    """
+    """Draws the MoCo-v2 decisions for one image of static size ``height x width``."""
     u = jax.random.uniform(key, (_CROP_DRAWS + 13,))
     top, left, h, w, fallback = sample_crop(u[:_CROP_DRAWS], height, width)
     v = u[_CROP_DRAWS:]
@@ -221,9 +163,6 @@ def resized_crop(
 ) -> jax.Array:
     """Crops ``[top:top+height, left:left+width]`` and resizes it to ``size x size`` (bilinear).
 
-    Pillow's antialiased bilinear resampling of the crop (what torchvision's ``resized_crop`` does
-    on PIL images), as one separable resampling with weights built from the traced box.
-
     Args:
       image: ``[H, W, C]`` pixel values in 0..255 (any dtype).
       top: first row of the crop (int scalar, may be traced).
@@ -253,12 +192,7 @@ def resized_crop(
 
 
 def rgb_to_gray(image: jax.Array) -> jax.Array:
-    """Luma ``[1, H, W]`` of ``[3, H, W]``: rec601 weights, as ``pix.rgb_to_grayscale``.
-
-    The weights (0.2989, 0.587, 0.114) are torchvision's and dm-pix's; the sum of planes is
-    written out because ``pix.rgb_to_grayscale(channel_axis=0)`` (a tensordot) was about 2x
-    slower under vmap on CPU.
-    """
+    """Luma ``[1, H, W]`` of ``[3, H, W]``: rec601 weights, as ``pix.rgb_to_grayscale``."""
     return (_LUMA[0] * image[0] + _LUMA[1] * image[1] + _LUMA[2] * image[2])[None]
 
 
@@ -348,7 +282,7 @@ def separable_blur(image: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def gaussian_blur(image: jax.Array, sigma: jax.Array) -> jax.Array:
-    """Gaussian blur of ``[C, H, W]`` with edge-replicating borders (see module doc)."""
+    """Gaussian blur of ``[C, H, W]``, edges replicated (as PIL; dm-pix pads with zeros)."""
     return separable_blur(image, blur_kernel(sigma))
 
 
@@ -357,11 +291,6 @@ _IDENTITY_KERNEL = tuple(float(t == BLUR_KERNEL_SIZE // 2) for t in range(BLUR_K
 
 def apply_augment_params(image: jax.Array, params: AugmentParams, prep: Preprocessing) -> jax.Array:
     """Applies the decisions ``params`` to one uint8 image ``[H, W, 3]``.
-
-    An operation that was not drawn runs with identity parameters (factors 1, hue shift 0,
-    grayscale weight 0, a one-tap blur kernel) instead of being computed and discarded by a
-    select: this is exact except the zero hue shift, an HSV round trip (error ~1e-7), and more
-    than twice as fast on CPU (XLA fused the selects into the blur's 13 shifted reads).
 
     Returns:
       float32 ``[S, S, 3]``, ``S = prep.size``, normalised with ``prep``'s mean/std.
@@ -436,9 +365,5 @@ def train_augment(key: jax.Array, images: jax.Array, prep: Preprocessing) -> jax
 
 
 def make_augment_fn(prep: Preprocessing) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Returns ``(keys [b], images_uint8 [b, H, W, 3]) -> float32 [b, S, S, 3]``.
-
-    The form the training step takes (one key per example, see
-    :func:`msad_jax.train_step.example_keys`). Not jitted: jit or pmap the caller.
-    """
+    """Returns ``(keys [b], images_uint8 [b, H, W, 3]) -> float32 [b, S, S, 3]``."""
     return functools.partial(augment_examples, prep=prep)

@@ -1,26 +1,10 @@
 """scikit-learn's handwritten digits as a one-class source: real images with no download.
 
-``sklearn.datasets.load_digits()`` ships inside scikit-learn: 1797 grayscale images of 8x8 pixels,
-digits 0-9 (about 180 per class), pixel values 0..16 (UCI "Optical Recognition of Handwritten
-Digits", test part). It has no train/test split, so this module fixes one:
-
-- **Split**: stratified, per class ``round(n_c * 2/3)`` images for training and the rest for
-  testing (1198 train / 599 test in total). For each class the image indices (sorted, in the order
-  scikit-learn ships them) are ordered by the raw 64-bit outputs of NumPy's PCG64 bit generator
-  seeded with :data:`DIGITS_SEED` + class id, and the first part becomes the training set. PCG64's
-  raw output is fixed by the algorithm (unlike ``Generator.permutation``, whose algorithm NumPy
-  may change between versions), so the split is the same on every machine and NumPy version.
-- **Pixels**: ``floor(x * 255 / 16 + 0.5)`` (rounded half up) as uint8, so 0 -> 0, 8 -> 128,
-  16 -> 255. Grayscale is replicated to RGB. Images stay at their native 8x8; the backbone's
-  evaluation transform upsamples them.
-- **Polarity**: the digits are bright strokes on black (``invert=False``, the default, as
-  scikit-learn ships them) or, with ``invert=True``, dark strokes on white like ink on paper. One
-  comparison of pretrained EfficientNet-Lite0 kNN ROC-AUC, mean of the 10 digits, decided the
-  default: bright-on-black 94.2 / 95.4 / 95.4 / 96.4 % and inverted 91.5 / 94.0 / 97.1 / 96.5 %
-  at 32 / 64 / 96 / 128 pixels (``benchmarks/results/demo.md``); the demo uses 64.
-
-One-class protocol (``msad_jax.data.protocols.load_one_class('digits', c)``): train on the
-training images of digit ``c`` (about 120), test on all 599 test images (about 60 normal).
+Split: stratified, ``round(n_c * 2/3)`` per class for training (1198 train / 599 test), ordered
+by PCG64's raw output seeded with :data:`DIGITS_SEED` + class (stable across NumPy versions).
+Pixels: ``floor(x * 255 / 16 + 0.5)`` as uint8, grey replicated to RGB, native 8x8. Polarity:
+bright strokes on black by default (better mean kNN ROC-AUC at 32-64 px,
+``benchmarks/results/demo.md``); ``invert=True`` gives ink on paper.
 """
 
 from __future__ import annotations

@@ -1,36 +1,27 @@
 """Your own images: a directory or a .zip file (read without extracting) in one of two layouts.
 
-**Split layout** (``ROOT`` is the directory or the zip's top level; a zip whose files all sit in
-one top folder is entered automatically)::
+Split layout (a zip whose files sit in one top folder is entered automatically)::
 
     ROOT/train/<class>/**/<image>      normal training images, one folder per class
-    ROOT/test/<class>/**/<image>       test images; label 0 if <class> is the normal class, else 1
+    ROOT/test/<class>/**/<image>       label 0 if <class> is the normal class, else 1
 
-Each train class can be the normal class (one-vs-rest). Test folders that are not train classes
-(e.g. defect types) are always anomalies. Three common cases:
+Any train class can be the normal class; test folders that are not train classes (defect types)
+are always anomalies (e.g. ``train/good/``, ``test/good/``, ``test/<defect>/``).
 
-- class-per-folder data (e.g. CIFAR-10 as ``train/airplane/0000.jpg``): normal_class picks a class;
-- one normal class with named anomalies, MVTec-style: ``train/good/``, ``test/good/``,
-  ``test/<defect>/``;
-- the simple form: ``train/normal/``, ``test/normal/``, ``test/anomalous/``.
-
-**Category layout** (the MVTec AD root)::
+Category layout (MVTec AD)::
 
     ROOT/<category>/train/good/<image>
-    ROOT/<category>/test/<good|defect>/<image>     (ground_truth/ and other folders are ignored)
+    ROOT/<category>/test/<good|defect>/<image>     (other folders are ignored)
 
-Each category is one one-class problem (normal_class picks the category); within it ``good`` is
-normal and every other test folder is an anomaly.
-
-Classes are ordered by natural sort of the folder names (``class2`` < ``class10``), files within
-a class likewise. Files whose extension is not an image type, hidden files and ``__MACOSX`` are
-ignored; an image file that cannot be decoded raises an error naming it.
+Each category is one problem; ``good`` is normal. Names sort naturally (``class2 < class10``);
+non-image, hidden and ``__MACOSX`` files are ignored; an undecodable image raises, naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import zipfile
@@ -39,6 +30,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from msad_jax.data.images import decode_all
+from msad_jax.errors import InputError, MissingInputError
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -60,18 +52,24 @@ def _is_image(path: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FileTree:
-    """Image files under a root: relative POSIX paths plus a reader of their bytes."""
+    """Image files under a root: relative POSIX paths plus readers of their bytes and sizes."""
 
     root: str
     files: tuple[str, ...]
     read: Callable[[str], bytes]
+    size: Callable[[str], int]
 
     def subtree(self, prefix: str) -> FileTree:
         """The files under ``prefix/``, with paths relative to it."""
         cut = len(prefix) + 1
         files = tuple(f[cut:] for f in self.files if f.startswith(prefix + "/"))
-        read = self.read
-        return FileTree(f"{self.root}/{prefix}", files, lambda p: read(f"{prefix}/{p}"))
+        read, size = self.read, self.size
+        return FileTree(
+            f"{self.root}/{prefix}",
+            files,
+            lambda p: read(f"{prefix}/{p}"),
+            lambda p: size(f"{prefix}/{p}"),
+        )
 
 
 @contextlib.contextmanager
@@ -79,7 +77,7 @@ def open_tree(path: str | os.PathLike) -> Iterator[FileTree]:
     """Opens a directory or a .zip file as a :class:`FileTree` (the zip stays open inside)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Image folder or zip {path!r} does not exist.")
+        raise MissingInputError(f"Image folder or zip {path!r} does not exist.")
     if os.path.isdir(path):
         files = []
         for dirpath, dirnames, filenames in os.walk(path):
@@ -92,13 +90,25 @@ def open_tree(path: str | os.PathLike) -> Iterator[FileTree]:
             with open(os.path.join(path, *rel.split("/")), "rb") as handle:
                 return handle.read()
 
-        yield FileTree(path, tuple(f for f in files if _is_image(f)), read_file)
+        def file_size(rel: str) -> int:
+            return os.path.getsize(os.path.join(path, *rel.split("/")))
+
+        yield FileTree(path, tuple(f for f in files if _is_image(f)), read_file, file_size)
         return
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path!r} is neither a directory nor a zip file.")
+        raise InputError(f"{path!r} is neither a directory nor a zip file.")
     with zipfile.ZipFile(path) as archive:
         names = tuple(n for n in archive.namelist() if not n.endswith("/") and _is_image(n))
-        yield FileTree(path, names, archive.read)
+        yield FileTree(path, names, archive.read, lambda name: archive.getinfo(name).file_size)
+
+
+def file_list_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of the sorted image files under ``path`` (directory or zip) and their byte sizes."""
+    digest = hashlib.sha256()
+    with open_tree(path) as tree:
+        for name in sorted(tree.files):
+            digest.update(f"{name}\t{tree.size(name)}\n".encode())
+    return digest.hexdigest()
 
 
 def _top_dirs(files: tuple[str, ...]) -> set[str]:
@@ -117,11 +127,7 @@ def _categories(tree: FileTree) -> list[str]:
 
 
 def resolve_root(tree: FileTree) -> FileTree:
-    """Enters a single top folder (common in zip files) while ROOT has no train/ folder.
-
-    A single MVTec category folder is therefore read in the split layout (its problem is named
-    after its train folder, 'good', rather than after the category).
-    """
+    """Enters a single top folder (common in zip files) while ROOT has no train/ folder."""
     while not _has_split_layout(tree):
         tops = _top_dirs(tree.files)
         if len(tops) != 1 or any("/" not in f for f in tree.files):
@@ -130,8 +136,8 @@ def resolve_root(tree: FileTree) -> FileTree:
     return tree
 
 
-def _layout_error(tree: FileTree) -> ValueError:
-    return ValueError(
+def _layout_error(tree: FileTree) -> InputError:
+    return InputError(
         f"No images in a known layout under {tree.root!r}: expected ROOT/train/<class>/ and "
         "ROOT/test/<class>/ (class-per-folder, train/good + test/<defect>, or train/normal + "
         "test/normal + test/anomalous) or MVTec AD's ROOT/<category>/train/good/ and "
@@ -174,7 +180,7 @@ def _split_problem(tree: FileTree, normal: str) -> FolderSplit:
     train_classes = _classes_under(tree, "train")
     test_classes = _classes_under(tree, "test")
     if normal not in train_classes:
-        raise ValueError(
+        raise InputError(
             f"Normal class {normal!r} has no folder {tree.root}/train/{normal}/; "
             f"train classes: {train_classes}."
         )
@@ -189,7 +195,7 @@ def _split_problem(tree: FileTree, normal: str) -> FolderSplit:
         key=lambda f: (index[f.split("/")[1]], natural_key(f)),
     )
     if not test:
-        raise ValueError(f"No test images under {tree.root}/test/<class>/.")
+        raise InputError(f"No test images under {tree.root}/test/<class>/.")
     classes = np.asarray([index[f.split("/")[1]] for f in test], dtype=np.int32)
     return FolderSplit(tree.root, train, test, classes, names, index[normal], tree.read)
 
@@ -208,11 +214,11 @@ def folder_split(tree: FileTree, normal_class: int | str) -> FolderSplit:
     problems = folder_class_names(tree)
     if isinstance(normal_class, str):
         if normal_class not in problems:
-            raise ValueError(f"normal_class {normal_class!r} not in {problems}.")
+            raise InputError(f"normal_class {normal_class!r} not in {problems}.")
         name = normal_class
     else:
         if not 0 <= int(normal_class) < len(problems):
-            raise ValueError(
+            raise InputError(
                 f"normal_class={normal_class} out of range: {len(problems)} classes {problems}."
             )
         name = problems[int(normal_class)]
@@ -223,7 +229,7 @@ def folder_split(tree: FileTree, normal_class: int | str) -> FolderSplit:
     normal = next((c for c in NORMAL_FOLDER_NAMES if c in train_classes), None)
     if normal is None:
         if len(train_classes) != 1:
-            raise ValueError(
+            raise InputError(
                 f"Category {name!r} needs one normal folder {category.root}/train/good/; "
                 f"found {train_classes}."
             )
@@ -243,8 +249,9 @@ def load_folder(
     Args:
       path: directory or .zip file.
       normal_class: index or name of the normal class (or MVTec category).
-      image_size: common square side; None keeps the native size when all images (train and test
-        together) share it, else 256. See ``msad_jax.data.images``.
+      image_size: common square side; None: images larger than 256 (longer side), or all images when
+        their sizes differ (train and test together), become 256x256 as they are decoded, and images
+        that all share one size up to 256 keep it.
       num_workers: decoding threads.
 
     Returns:

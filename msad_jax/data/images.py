@@ -1,15 +1,10 @@
 """Host-side image decoding and size normalisation with Pillow.
 
-Every source (TFDS, folders, zip files, arrays) ends in uint8 RGB arrays of one common size. Rules:
-
-- Grayscale, palette, RGBA, CMYK, 16-bit ... become 3-channel RGB (Pillow ``convert('RGB')``; an
-  alpha channel is dropped, as torchvision's ``ImageFolder`` loader does).
-- When the images do not all have the same size, or when ``image_size`` is given, each image is
-  resized so its shorter side is ``image_size`` (Pillow bilinear, antialiased) and center-cropped
-  to ``image_size x image_size``, keeping the aspect ratio. With the ResNet evaluation transform
-  (shorter side 256, center crop 224) an image stored this way at 256 gives the same pixels as
-  the transform applied to the original file. Default when sizes differ: 256.
-- A file that Pillow cannot decode raises ``ValueError`` naming the file.
+Every source ends in uint8 RGB of one size: other modes are converted (alpha dropped, as
+torchvision's loader does); :func:`fit_square` scales the shorter side (bilinear, antialiased) and
+center-crops. Without ``image_size``, images are resized to 256 only when larger or of mixed
+sizes (32x32 CIFAR files stay as they are). Files are resized while decoding, JPEGs at a reduced
+DCT scale first, so huge images are never held at full size.
 """
 
 from __future__ import annotations
@@ -21,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from msad_jax.errors import InputError
 
 DEFAULT_IMAGE_SIZE = 256
 
@@ -34,9 +31,6 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 
 def fit_square(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
     """Resizes the shorter side to ``size`` (bilinear) and center-crops to ``size x size``.
-
-    Follows torchvision's ``Resize(size)`` + ``CenterCrop(size)`` geometry (the longer side is
-    ``int(size * long / short)``, the crop starts at ``int(round((long - size) / 2))``).
 
     Args:
       image: uint8 ``[H, W, 3]`` array or a Pillow image.
@@ -62,21 +56,47 @@ def fit_square(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
     return np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
+def decode_image(data: bytes, name: str, *, size: int | None = None) -> np.ndarray:
     """Decodes encoded image bytes (PNG, JPEG, BMP, ...) to uint8 RGB ``[H, W, 3]``.
 
+    Args:
+      data: the encoded file.
+      name: the file's name, for the error message.
+      size: if given, the image is fitted to ``size x size`` (:func:`fit_square`) as it is decoded;
+        a large JPEG is decoded at a reduced scale first (see the module doc).
+
     Raises:
-      ValueError: naming ``name`` when Pillow cannot read the bytes.
+      InputError: naming ``name`` when Pillow cannot read the bytes.
+    """
+    return decode_bounded(data, name, size=size, max_side=None)
+
+
+def decode_bounded(data: bytes, name: str, *, size: int | None, max_side: int | None) -> np.ndarray:
+    """Decodes bytes to uint8 RGB, never keeping more than the output size.
+
+    Args:
+      data: the encoded file.
+      name: the file's name, for the error message.
+      size: fit every image to ``size x size``; None: keep the native size, unless...
+      max_side: ...the image's longer side exceeds ``max_side``: then fit it to ``max_side``.
+
+    Raises:
+      InputError: naming ``name`` when Pillow cannot read the bytes.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            target = size
+            if target is None and max_side is not None and max(image.size) > max_side:
+                target = max_side
+            if target is not None:
+                image.draft(None, (target, target))  # JPEG: decode at a reduced scale
             image.load()
-            return to_rgb_array(image)
+            return to_rgb_array(image) if target is None else fit_square(image, target)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(
+        raise InputError(
             f"Cannot decode image file {name!r} ({type(err).__name__}: {err}); "
             "remove or replace it."
-        ) from None
+        ) from err
 
 
 def default_workers() -> int:
@@ -96,8 +116,9 @@ def decode_all(
     Args:
       names: file names, in output order.
       read: returns the encoded bytes of a name.
-      image_size: resize every image with :func:`fit_square` to this side; None keeps the
-        native size when all images share it and uses ``DEFAULT_IMAGE_SIZE`` otherwise.
+      image_size: resize every image to this side (:func:`fit_square`); None: images larger than
+        ``DEFAULT_IMAGE_SIZE``, or all images when their sizes differ, are resized to
+        ``DEFAULT_IMAGE_SIZE``, and images that all share one smaller size keep it.
       num_workers: decoding threads (default :func:`default_workers`).
 
     Returns:
@@ -105,8 +126,7 @@ def decode_all(
     """
 
     def load(name: str) -> np.ndarray:
-        array = decode_image(read(name), name)
-        return array if image_size is None else fit_square(array, image_size)
+        return decode_bounded(read(name), name, size=image_size, max_side=DEFAULT_IMAGE_SIZE)
 
     workers = num_workers or default_workers()
     if workers > 1 and len(names) > 1:

@@ -35,6 +35,17 @@ def steps_per_epoch(n: int, global_batch_size: int) -> int:
     return math.ceil(n / global_batch_size)
 
 
+def epoch_mean_loss(losses: Sequence[float], counts: Sequence[float]) -> float:
+    """Mean of the step losses weighted by their batch sizes (the last short batch counts less).
+
+    Equals the mean loss per example over the epoch, the statistic of the reference.
+    """
+    if len(losses) != len(counts) or not len(losses):
+        raise ValueError(f"Need as many losses ({len(losses)}) as counts ({len(counts)}), > 0.")
+    weights = np.asarray(counts, np.float64)
+    return float(np.sum(np.asarray(losses, np.float64) * weights) / np.sum(weights))
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order of the ``n`` training examples in ``epoch`` (deterministic in seed, epoch)."""
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)

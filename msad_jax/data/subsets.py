@@ -1,7 +1,7 @@
 """Deterministic subsets of a one-class problem, for quick experiments on small machines.
 
-Subsets change the protocol (SPEC §8 uses every image), so results on them are not comparable with
-published numbers; reports record the counts that were used.
+Subsets change the protocol (SPEC §8 uses every image): results are not comparable with published
+numbers; reports record the counts used.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ def subsample(
     data: OneClassData, *, train_images: int = 0, test_images: int = 0, seed: int = 0
 ) -> OneClassData:
     """A seeded subset: ``train_images`` normal training images and ``test_images`` test images.
-
-    The test subset is stratified by original class, so the normal/anomalous ratio is kept. Zero
-    (or a count at least the available number) keeps everything.
 
     Args:
       data: the full problem.

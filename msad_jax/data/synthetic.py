@@ -1,10 +1,8 @@
 """A small synthetic image dataset for smoke runs, notebooks and tests (no download).
 
-Ten classes of colour gratings: class ``c`` is a sinusoidal grating at orientation ``c * 18``
-degrees in a class-specific pair of colours, with a random frequency, phase and contrast per image
-and pixel noise. Classes are easy to tell apart for a kNN on almost any features, so a smoke run
-has a meaningful (high) ROC-AUC, yet the images vary enough within a class for augmentation and
-training to matter.
+Class ``c`` is a sinusoidal grating at ``c * 18`` degrees in a class-specific pair of colours, with
+random frequency, phase, contrast and pixel noise: easy for a kNN, yet varied enough for
+augmentation and training to matter.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """TFDS datasets read with random access (``array_record``), no TensorFlow needed to read.
 
-Reading uses ``builder.as_data_source`` (what ``tfds.data_source`` does). Preparing a dataset the
-first time (download + conversion to ``array_record``) needs TensorFlow: ``pip install
-'msad_jax[tf]'``. Data lives in ``data_dir`` (default: ``$TFDS_DATA_DIR`` or
-``~/tensorflow_datasets``); files put in the manual directory (default
-``<data_dir>/downloads/manual``) under their original names are used instead of downloading, which
-is how to prepare a dataset on a machine without internet.
-
-``tfds.testing.mock_data`` works with these functions unchanged (it replaces
-``as_data_source``), which is how the tests run without data or network.
+Reading uses ``builder.as_data_source``. Preparing a dataset the first time needs TensorFlow
+(``pip install 'msad_jax[tf]'``), or the source files in the manual directory (default
+``<data_dir>/downloads/manual``) on a machine without internet.
 """
 
 from __future__ import annotations
@@ -21,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from msad_jax.data.images import default_workers, fit_square
-
-TFDS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "cats_vs_dogs")
+from msad_jax.errors import InputError, MissingDependencyError, MissingInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +25,6 @@ class TfdsSpec:
     tfds_name: str
     label_key: str
     class_names: tuple[str, ...]
-    splits: tuple[str, ...]
 
 
 CIFAR10_CLASSES = (
@@ -84,10 +76,10 @@ FASHION_MNIST_CLASSES = (
 CATS_VS_DOGS_CLASSES = ("cat", "dog")
 
 SPECS: dict[str, TfdsSpec] = {
-    "cifar10": TfdsSpec("cifar10", "label", CIFAR10_CLASSES, ("train", "test")),
-    "cifar100": TfdsSpec("cifar100", "coarse_label", CIFAR100_SUPERCLASSES, ("train", "test")),
-    "fashion_mnist": TfdsSpec("fashion_mnist", "label", FASHION_MNIST_CLASSES, ("train", "test")),
-    "cats_vs_dogs": TfdsSpec("cats_vs_dogs", "label", CATS_VS_DOGS_CLASSES, ("train",)),
+    "cifar10": TfdsSpec("cifar10", "label", CIFAR10_CLASSES),
+    "cifar100": TfdsSpec("cifar100", "coarse_label", CIFAR100_SUPERCLASSES),
+    "fashion_mnist": TfdsSpec("fashion_mnist", "label", FASHION_MNIST_CLASSES),
+    "cats_vs_dogs": TfdsSpec("cats_vs_dogs", "label", CATS_VS_DOGS_CLASSES),
 }
 
 
@@ -105,6 +97,13 @@ def _offline_message(builder: Any, manual_dir: str) -> str:
         f"'{builder.name}/{builder.version}' folder in array_record format into "
         f"{builder.data_dir_root}) and run again."
     )
+
+
+def _is_prepared(builder: Any) -> bool:
+    """``builder.is_prepared()``, without TFDS's warning about a missing variant folder."""
+    if not (builder.data_path / "dataset_info.json").exists():
+        return False
+    return builder.is_prepared()
 
 
 def open_tfds(
@@ -129,19 +128,19 @@ def open_tfds(
       A sequence of example dicts (numpy values).
 
     Raises:
-      FileNotFoundError: not prepared and ``download`` is False, or the download failed.
-      ImportError: preparation is needed and TensorFlow is missing.
-      ValueError: the dataset was prepared in a format without random access (TFRecord).
+      MissingInputError: not prepared and ``download`` is False, or the download failed.
+      MissingDependencyError: preparation is needed and TensorFlow is missing.
+      InputError: the dataset was prepared in a format without random access (TFRecord).
     """
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
     manual = manual_dir or str(builder.data_dir_root) + "/downloads/manual"
-    if builder.is_prepared():
+    if _is_prepared(builder):
         try:
             return builder.as_data_source(split=split)
         except NotImplementedError:
-            raise ValueError(
+            raise InputError(
                 f"TFDS dataset {name!r} in {builder.data_dir} was prepared as TFRecord, which has "
                 "no random access: delete that folder (or use another data_dir) and prepare it "
                 "again with file_format='array_record' (msad_jax does this by default)."
@@ -151,11 +150,14 @@ def open_tfds(
     except (NotImplementedError, ValueError, FileNotFoundError, KeyError):
         pass
     if not download:
-        raise FileNotFoundError(_offline_message(builder, manual))
+        raise MissingInputError(_offline_message(builder, manual))
     if not tensorflow_available():
-        raise ImportError(
-            f"Preparing TFDS dataset {name!r} the first time needs TensorFlow, which is not "
-            "installed: pip install 'msad_jax[tf]' (reading a prepared dataset does not need it)."
+        raise MissingDependencyError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root}, and preparing it "
+            "needs TensorFlow, which is not installed: pip install 'msad_jax[tf]' (then it is "
+            f"downloaded, or read from {manual}), or copy a prepared '{name}/{builder.version}' "
+            f"folder (array_record format) into {builder.data_dir_root}; reading a prepared "
+            "dataset does not need TensorFlow."
         )
     try:
         builder.download_and_prepare(
@@ -163,7 +165,7 @@ def open_tfds(
             download_config=tfds.download.DownloadConfig(manual_dir=manual),
         )
     except OSError as err:  # requests' ConnectionError is an OSError too.
-        raise FileNotFoundError(f"{_offline_message(builder, manual)} ({err})") from None
+        raise MissingInputError(f"{_offline_message(builder, manual)} ({err})") from err
     return builder.as_data_source(split=split)
 
 
@@ -192,8 +194,8 @@ def read_examples(
       indices: record indices to read, in output order.
       label_key: feature holding the class id.
       image_size: resize each image with ``fit_square`` (needed when sizes vary).
-      with_images: False reads labels (and file names) only; images are still decoded by TFDS
-        but dropped right away.
+      with_images: False reads labels (and file names) only; images are still decoded by TFDS but
+        dropped right away.
       num_workers: reader threads.
 
     Returns:
@@ -224,7 +226,7 @@ def read_examples(
         side = image_size or 32
         return np.zeros((0, side, side, 3), np.uint8), labels, names
     if len({im.shape for im in images}) > 1:
-        raise ValueError(
+        raise InputError(
             "TFDS images have different sizes: pass image_size=... to resize them to one size."
         )
     return np.stack(images), labels, names
@@ -243,13 +245,6 @@ def cats_vs_dogs_split(
     seed: int = CATS_VS_DOGS_SEED,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fixed, seeded per-class train/test split of CatsVsDogs.
-
-    Per class, the examples are sorted by file name (ties by record index), so the split does not
-    depend on the record order of a particular preparation, then permuted with
-    ``numpy.random.Generator(PCG64(seed + class_id))``. The first ``test_per_class`` go to test
-    and the next ``train_per_class`` to train. TFDS's copy drops 1,738 corrupt Kaggle files, so a
-    class has about 11.6k images rather than 12.5k: test keeps its 2500 and train gets the rest
-    (fewer than 10000); ``OneClassData.counts()`` reports the numbers.
 
     Args:
       labels: class id per record.

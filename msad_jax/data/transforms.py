@@ -1,75 +1,25 @@
 """Evaluation transforms on device: resize, center crop, normalise (SPEC §6).
 
-The resize reproduces Pillow's resampling (what torchvision's ``Resize`` does on PIL images): each
-output pixel is a normalised, antialiased filter over the source pixels, a triangle (bilinear) or
-Keys cubic with a = -0.5 (bicubic) whose support widens by the downscaling factor. Because the
-filter is separable and the input shape is static, a resize followed by a center crop is two small
-matrix products with constant weight matrices (``[S, H]`` and ``[S, W]``): one pass, no dynamic
-shapes, MXU/tensor-core friendly. The same weight construction, evaluated with traced crop boxes,
-is the crop-and-resize of the training augmentation (``msad_jax.data.augment``).
-
-Differences from torchvision/PIL: PIL works in 8-bit fixed point and rounds to uint8 after each of
-its two passes; here everything is float32 and nothing is rounded, so outputs differ by up to one
-grey level (measured in ``tests/data/test_data_transforms.py``). Bicubic only: Pillow picks the
-order of its two passes itself, this code always resamples the width first; the order decides
-which overshoots are clipped in between, so when one axis shrinks and the other grows (e.g.
-300x211 -> 224x224) a few pixels at strong edges can differ by up to ~4 grey levels. Upscaling
-both axes (CIFAR to 224, the ResNet-18 recipe) matches within ~1.1.
+Pillow's antialiased bilinear/bicubic resampling as two constant weight matrices, so resize and
+center crop are one pass of two matrix products (the same weights, with traced crop boxes, do the
+augmentation's crop). In float32 without Pillow's 8-bit rounding: within about one grey level of
+torchvision (up to ~4 at strong edges for bicubic when one axis shrinks and the other grows).
+:func:`any_size_transform` first fits any image size to the training side, with symbolic shapes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from msad_jax.preprocessing import Preprocessing
 
-METHODS = ("bilinear", "bicubic")
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
 _CUBIC_A = -0.5  # Pillow's bicubic coefficient.
 _PRECISION = jax.lax.Precision.HIGHEST
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """How a backbone wants its input images.
-
-    Attributes:
-      resize: shorter side after resizing when ``crop`` is set; both sides (square) when ``crop``
-        is None.
-      crop: side of the center crop, or None for no crop.
-      method: 'bilinear' or 'bicubic' (Pillow semantics, antialiased when shrinking).
-      mean: per-channel mean in [0, 1] units, subtracted after scaling to [0, 1].
-      std: per-channel standard deviation in [0, 1] units.
-    """
-
-    resize: int
-    crop: int | None
-    method: str
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Preprocessing.method={self.method!r}: use one of {METHODS}.")
-        if self.resize < 1:
-            raise ValueError(f"Preprocessing.resize={self.resize} must be a positive integer.")
-        if self.crop is not None and not 1 <= self.crop <= self.resize:
-            raise ValueError(
-                f"Preprocessing.crop={self.crop} must lie in [1, resize={self.resize}] or be None."
-            )
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("Preprocessing.mean/std must be 3 numbers each, std > 0.")
-
-    @property
-    def size(self) -> int:
-        """Side of the (square) output image."""
-        return self.crop if self.crop is not None else self.resize
 
 
 def _filter(x: np.ndarray | jax.Array, method: str, xp) -> np.ndarray | jax.Array:
@@ -84,14 +34,7 @@ def _filter(x: np.ndarray | jax.Array, method: str, xp) -> np.ndarray | jax.Arra
 
 
 def resample_weights(start, length, in_size: int, out_size: int, method: str, xp):
-    """Weights ``[out_size, in_size]`` resizing source pixels [start, start+length) to out_size.
-
-    Pillow's algorithm: output pixel ``o`` has center ``(o + 0.5) * scale`` in crop coordinates
-    (``scale = length / out_size``); the filter is stretched by ``max(scale, 1)``; only source
-    pixels of the window ``[int(center - support + 0.5), int(center + support + 0.5))`` clipped
-    to the crop contribute; weights are normalised to sum to one. ``start``/``length`` may be
-    traced (``xp = jnp``) or Python numbers (``xp = np``).
-    """
+    """Weights ``[out_size, in_size]`` resizing source pixels [start, start+length) to out_size."""
     scale = length / out_size
     fscale = xp.maximum(scale, 1.0)
     support = _SUPPORT[method] * fscale
@@ -124,11 +67,7 @@ def resize_crop_weights(
 
 
 def eval_geometry(height: int, width: int, prep: Preprocessing) -> tuple[int, int, int, int]:
-    """Geometry of torchvision's Resize + CenterCrop: ``(resized_h, resized_w, top, left)``.
-
-    ``Resize(int)`` scales the shorter side to ``prep.resize`` and truncates the longer one to
-    ``int(resize * long / short)``; ``CenterCrop`` starts at ``int(round((resized - crop) / 2))``.
-    """
+    """Geometry of torchvision's Resize + CenterCrop: ``(resized_h, resized_w, top, left)``."""
     if prep.crop is None:
         return prep.resize, prep.resize, 0, 0
     if height <= width:
@@ -152,10 +91,8 @@ def separable_resample(
 ) -> jax.Array:
     """Resamples ``[..., H, W, C]`` pixel values (0..255) to ``[..., P, Q, C]``.
 
-    Like Pillow: the width pass (``wx``, ``[Q, W]``) runs first and its result is clipped to
-    [0, 255] (Pillow stores it as uint8), then the height pass (``wy``, ``[P, H]``), clipped again.
-    The clips only matter for bicubic, whose negative lobes overshoot. With ``channels_first`` the
-    result is ``[..., C, P, Q]`` instead.
+    Width pass first, clipped to [0, 255] as Pillow stores it as uint8 (matters for bicubic's
+    overshoot), then the height pass; ``channels_first`` gives ``[..., C, P, Q]``.
     """
     x = jnp.einsum("qw,...hwc->...chq", wx, images, precision=_PRECISION)
     x = jnp.clip(x, 0.0, 255.0)
@@ -172,7 +109,7 @@ def eval_transform(images: jax.Array | np.ndarray, prep: Preprocessing) -> jax.A
       prep: the backbone's preprocessing.
 
     Returns:
-      float32 ``[b, S, S, 3]`` with ``S = prep.size``. Jittable (``prep`` is static).
+      float32 ``[b, S, S, 3]`` with ``S = prep.size``.
     """
     images = jnp.asarray(images)
     if images.ndim not in (3, 4) or images.shape[-1] != 3:
@@ -183,6 +120,65 @@ def eval_transform(images: jax.Array | np.ndarray, prep: Preprocessing) -> jax.A
     wx = resize_crop_weights(width, new_w, left, prep.size, prep.method)
     x = separable_resample(images.astype(jnp.float32), jnp.asarray(wy), jnp.asarray(wx))
     return normalize(x / 255.0, prep)
+
+
+def to_rgb(images: jax.Array) -> jax.Array:
+    """``[..., C]`` with C = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) as ``[..., 3]``."""
+    channels = images.shape[-1]
+    if isinstance(channels, int):
+        return images[..., (0, 0, 0)] if channels < 3 else images[..., :3]
+    index = jnp.where(jnp.asarray(channels) < 3, 0, jnp.arange(3))
+    return jnp.take(images, index, axis=-1)
+
+
+def _round_half_even_half(value: jax.Array) -> jax.Array:
+    """``round(value / 2)`` of a non-negative int array, ties to even (Python's ``round``)."""
+    half = value // 2
+    return half + (value % 2) * (half % 2)
+
+
+def fit_weights(size, other, side: int) -> jax.Array:
+    """float32 ``[side, size]``: one axis of :func:`msad_jax.data.images.fit_square`, bilinear."""
+    size_v = jnp.asarray(size, jnp.int32)
+    other_v = jnp.asarray(other, jnp.int32)
+    resized = jnp.where(size_v <= other_v, side, (side * size_v) // other_v)
+    start = _round_half_even_half(resized - side)
+    scale = size_v.astype(jnp.float32) / resized.astype(jnp.float32)
+    support = jnp.maximum(scale, 1.0)  # the bilinear support (1) stretched when shrinking
+    center = (start.astype(jnp.float32) + jnp.arange(side, dtype=jnp.float32) + 0.5) * scale
+    center = center[:, None]  # [side, 1]
+    k = jnp.arange(size, dtype=jnp.float32)[None, :]  # [1, size]
+    lo = jnp.maximum(jnp.trunc(center - support + 0.5), 0.0)
+    hi = jnp.minimum(jnp.trunc(center + support + 0.5), size_v.astype(jnp.float32))
+    inside = (k >= lo) & (k < hi)
+    w = jnp.where(inside, _filter((k + 0.5 - center) / support, "bilinear", jnp), 0.0)
+    return w / jnp.sum(w, axis=1, keepdims=True)
+
+
+def fit_square_float(images: jax.Array, side: int) -> jax.Array:
+    """float32 ``[..., side, side, C]``: :func:`fit_weights` on both axes of ``[..., H, W, C]``."""
+    height, width = images.shape[-3], images.shape[-2]
+    x = images.astype(jnp.float32)
+    if isinstance(height, int) and isinstance(width, int) and height == width == side:
+        return x
+    wy = fit_weights(height, width, side)
+    wx = fit_weights(width, height, side)
+    x = jnp.einsum("qw,...hwc->...hqc", wx, x, precision=_PRECISION)
+    return jnp.einsum("ph,...hqc->...pqc", wy, x, precision=_PRECISION)
+
+
+def any_size_transform(images: jax.Array, side: int, prep: Preprocessing) -> jax.Array:
+    """uint8 ``[b, H, W, C]`` of any size and channel count -> float32 ``[b, S, S, 3]``."""
+    return eval_transform(fit_square_float(to_rgb(images), side), prep)
+
+
+def make_any_size_preprocess_fn(side: int, prep: Preprocessing) -> Callable[[jax.Array], jax.Array]:
+    """Returns :func:`any_size_transform` for ``side`` and ``prep`` (jit/pmap the caller)."""
+
+    def preprocess(images: jax.Array) -> jax.Array:
+        return any_size_transform(images, side, prep)
+
+    return preprocess
 
 
 def make_preprocess_fn(prep: Preprocessing) -> Callable[[jax.Array], jax.Array]:

@@ -1,4 +1,4 @@
-"""Backbones: torchvision-exact ResNets in Flax, pretrained weights without torch."""
+"""Backbones in Flax (ResNet, EfficientNet-Lite, ViT, DINOv2); pretrained weights without torch."""
 
 from msad_jax.models.convert import StateDictMismatchError, check_state_dict_keys
 from msad_jax.models.pretrained import PretrainedWeightsError, WeightsFile, default_cache_dir
@@ -6,6 +6,7 @@ from msad_jax.models.registry import (
     BackboneSpec,
     backbone_spec,
     build_backbone,
+    convert_weights,
     from_torchvision,
     init_variables,
     list_backbones,
@@ -14,6 +15,7 @@ from msad_jax.models.registry import (
     variable_shapes,
 )
 from msad_jax.models.resnet import ResNet
+from msad_jax.models.vit import VisionTransformer
 from msad_jax.models.weight_files import (
     UnsafeCheckpointError,
     load_safetensors,
@@ -27,10 +29,12 @@ __all__ = [
     "ResNet",
     "StateDictMismatchError",
     "UnsafeCheckpointError",
+    "VisionTransformer",
     "WeightsFile",
     "backbone_spec",
     "build_backbone",
     "check_state_dict_keys",
+    "convert_weights",
     "default_cache_dir",
     "from_torchvision",
     "init_variables",

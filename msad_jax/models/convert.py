@@ -1,26 +1,9 @@
 """Strict conversion between torch state dicts and Flax variables.
 
-Flax modules in :mod:`msad_jax.models` name their submodules after torch's state-dict keys, so the
-mapping is mechanical: the dotted torch key is the Flax path joined with dots, with the leaf renamed
-and the array re-laid out:
-
-=============================  =========================  ===============================
-Flax leaf                      torch key suffix           layout
-=============================  =========================  ===============================
-``params/.../kernel`` (4-D)    ``.weight``                HWIO <-> OIHW
-``params/.../kernel`` (2-D)    ``.weight``                (in, out) <-> (out, in)
-``params/.../scale``           ``.weight`` (BatchNorm)    as is
-``params/.../bias``            ``.bias``                  as is
-``batch_stats/.../mean``       ``.running_mean``          as is
-``batch_stats/.../var``        ``.running_var``           as is
-=============================  =========================  ===============================
-
-Depthwise convolutions (``feature_group_count == channels``) use the same rule: torch's
-``[C, 1, kh, kw]`` becomes Flax's ``[kh, kw, 1, C]``.
-
-Conversion is strict: every expected key must be present with the expected shape and nothing
-else may be there (torch's ``num_batches_tracked`` counters are ignored). All problems are
-reported in one :class:`StateDictMismatchError`.
+Flax paths mirror torch keys: ``kernel`` <-> ``weight`` (HWIO <-> OIHW, or transposed for dense
+layers), BatchNorm ``scale``/``mean``/``var`` <-> ``weight``/``running_mean``/``running_var``.
+Strict: every missing, unexpected or mis-shaped key is reported at once (``num_batches_tracked``
+is ignored).
 """
 
 from __future__ import annotations
@@ -32,6 +15,8 @@ from typing import Any
 import flax
 import numpy as np
 
+from msad_jax.errors import UserError
+
 _LEAF_TO_TORCH = {
     ("params", "kernel"): "weight",
     ("params", "scale"): "weight",
@@ -42,7 +27,7 @@ _LEAF_TO_TORCH = {
 _COUNTER = "num_batches_tracked"
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(UserError, ValueError):
     """A state dict does not fit a model; the message lists missing/unexpected/mis-shaped keys."""
 
 
@@ -177,10 +162,7 @@ def variables_from_torch(
 
 
 def variables_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Converts Flax variables into a torch-layout state dict of NumPy arrays.
-
-    BatchNorm ``num_batches_tracked`` counters are not emitted; torch fills them in on loading.
-    """
+    """Converts Flax variables into a torch-layout state dict of NumPy arrays."""
     return {
         torch_key(path): np.ascontiguousarray(_to_torch_layout(np.asarray(leaf)))
         for path, leaf in _flat_variables(variables).items()

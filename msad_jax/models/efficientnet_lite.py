@@ -53,6 +53,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from msad_jax.models import cpu_lowering
+
 Dtype = Any
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -276,6 +278,7 @@ def _conv(
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=cpu_lowering.conv_general_dilated,
         name=name,
     )
 

@@ -10,6 +10,13 @@ where.
 
 Every file is checked against the sha256 prefix in its name (torch hub's convention) before use, and
 the converted Flax variables are cached next to it as ``.npz`` so the ``.pth`` is parsed only once.
+
+Vision Transformer weights come from the Hugging Face Hub (:func:`hub_weights`: the repository's
+``resolve`` address, cached as the repository id with ``/`` replaced by ``--``, then ``--`` and
+the file name). Their digests are not pinned here: the Hub declares each large file's sha256 in
+the ``X-Linked-Etag`` header of the ``resolve`` response, the download is verified against it,
+and the digest is kept beside the file (``<file>.sha256``) so that every later use verifies the
+cached file again.
 """
 
 from __future__ import annotations
@@ -27,12 +34,13 @@ import flax
 import numpy as np
 import tqdm
 
+from msad_jax.errors import UserError
 from msad_jax.models import weight_files
 
 _CHUNK = 1 << 20
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """Pretrained weights are missing, cannot be downloaded, or fail verification."""
 
 
@@ -68,6 +76,34 @@ RESNET_WEIGHTS: dict[str, WeightsFile] = {
 }
 
 
+_HUB = "https://huggingface.co/"
+
+
+def hub_weights(
+    repo: str, filename: str = "model.safetensors", revision: str = "main"
+) -> WeightsFile:
+    """A file of a Hugging Face Hub repository (verified against the Hub's declared sha256)."""
+    return WeightsFile(
+        f"{repo.replace('/', '--')}--{filename}", f"{_HUB}{repo}/resolve/{revision}/{filename}"
+    )
+
+
+#: Vision Transformers: timm's ImageNet-21k -> 1k fine-tuned ViTs (timm layout, inception
+#: mean/std) and Meta's DINOv2 backbones (Hugging Face ``Dinov2Model`` layout). Apache-2.0.
+HUB_WEIGHTS: dict[str, WeightsFile] = {
+    "vit_small_patch16_224": hub_weights("timm/vit_small_patch16_224.augreg_in21k_ft_in1k"),
+    "vit_base_patch16_224": hub_weights("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    **{
+        f"dinov2_vit{size[0]}14": hub_weights(f"facebook/dinov2-{size}")
+        for size in ("small", "base", "large")
+    },
+    **{
+        f"dinov2_vit{size[0]}14_reg": hub_weights(f"facebook/dinov2-with-registers-{size}")
+        for size in ("small", "base", "large")
+    },
+}
+
+
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """The msad_jax cache: ``cache_dir``, else ``$MSAD_JAX_CACHE``, else ``~/.cache/msad_jax``."""
     if cache_dir is not None:
@@ -100,16 +136,52 @@ def verify_sha256(path: pathlib.Path, prefix: str | None) -> None:
         )
 
 
-def download(url: str, destination: pathlib.Path, *, timeout: float = 30.0) -> pathlib.Path:
+_SHA256_HEADER = "X-Linked-Etag"
+
+
+def _declared_sha256(value: str | None) -> str | None:
+    """The sha256 in an ``X-Linked-Etag`` header value, or None when it holds none."""
+    digest = (value or "").strip().removeprefix("W/").strip('"').lower()
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    return None
+
+
+class _DigestRecorder(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, remembering a sha256 declared by any response on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sha256: str | None = None
+
+    def note(self, headers: Any) -> None:
+        self.sha256 = self.sha256 or _declared_sha256(headers.get(_SHA256_HEADER))
+
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> Any:
+        """Notes the redirect's headers, then redirects as usual."""
+        self.note(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def download(url: str, destination: pathlib.Path, *, timeout: float = 30.0) -> str | None:
     """Downloads ``url`` to ``destination`` atomically, with a progress bar.
+
+    Returns:
+      The sha256 that the server declared for the file (``X-Linked-Etag``, as the Hugging Face
+      Hub sends it, also on redirects), or None.
 
     Raises:
       PretrainedWeightsError: when the download fails (e.g. no internet).
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=destination.parent, suffix=".part")
+    recorder = _DigestRecorder()
+    opener = urllib.request.build_opener(recorder)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with os.fdopen(fd, "wb") as out, opener.open(url, timeout=timeout) as response:
+            recorder.note(response.headers)
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm.tqdm(
                 total=total, unit="B", unit_scale=True, desc=destination.name, leave=False
@@ -124,7 +196,21 @@ def download(url: str, destination: pathlib.Path, *, timeout: float = 30.0) -> p
             f"Could not download {url} ({err}); download it on a machine with internet and put it "
             f"at {destination}."
         ) from err
-    return destination
+    return recorder.sha256
+
+
+def _digest_file(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _expected_sha256(path: pathlib.Path, weights: WeightsFile) -> str | None:
+    """The pinned sha256 prefix, else the digest recorded beside the file at download."""
+    if weights.sha256_prefix is not None:
+        return weights.sha256_prefix
+    recorded = _digest_file(path)
+    if recorded.is_file():
+        return _declared_sha256(recorded.read_text(encoding="ascii", errors="replace")) or "?"
+    return None
 
 
 def fetch_weights(
@@ -156,7 +242,7 @@ def fetch_weights(
     target = cache / weights.filename
     for candidate in (target, _torch_hub_dir() / weights.filename):
         if candidate.is_file():
-            verify_sha256(candidate, weights.sha256_prefix)
+            verify_sha256(candidate, _expected_sha256(candidate, weights))
             return candidate
     offline = _offline_from_env() if offline is None else offline
     if offline or weights.url is None:
@@ -165,12 +251,14 @@ def fetch_weights(
             f"Pretrained weights for {name} are not in the cache and msad_jax is offline: {source} "
             f"and put it at {target} (or point MSAD_JAX_CACHE at the folder that holds it)."
         )
-    download(weights.url, target)
+    declared = download(weights.url, target)
     try:
-        verify_sha256(target, weights.sha256_prefix)
+        verify_sha256(target, weights.sha256_prefix or declared)
     except PretrainedWeightsError:
         target.unlink(missing_ok=True)
         raise
+    if weights.sha256_prefix is None and declared is not None:
+        _digest_file(target).write_text(declared + "\n", encoding="ascii")
     return target
 
 

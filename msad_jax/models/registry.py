@@ -1,12 +1,9 @@
 """Backbones by name: how to build each one, its preprocessing, frozen layers and weights.
 
-Everything that depends on the backbone is found here by name (``resnet18`` .. ``resnet152`` and a
-``resnet_tiny`` for tests and smoke runs): the Flax module, the evaluation preprocessing of SPEC §6,
-the parameters frozen during fine-tuning (SPEC §2) and the pretrained weights file.
-
-Defaults not fixed by the paper are chosen by family and documented here: ResNet-34 follows
-ResNet-18 (bicubic resize to 224, nothing frozen) and ResNet-50/101 follow ResNet-152 (resize 256,
-center crop 224, ``conv1``/``bn1``/``layer1``/``layer2`` frozen).
+Defaults not fixed by the paper follow the family: ResNet-18/34 resize to 224 bicubic with nothing
+frozen; ResNet-50/101/152 resize 256, crop 224, freeze ``conv1``/``bn1``/``layer1``/``layer2``.
+ViTs and DINOv2 freeze the patch embedding, tokens, position embeddings and the first half of the
+blocks, use their weights' own evaluation transform and suggest a learning rate of 1e-4.
 """
 
 from __future__ import annotations
@@ -24,8 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from msad_jax.models import convert, efficientnet_lite, pretrained, resnet, weight_files
+from msad_jax.models import (
+    convert,
+    efficientnet_lite,
+    pretrained,
+    resnet,
+    vit,
+    vit_weights,
+    weight_files,
+)
+from msad_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +45,11 @@ class BackboneSpec:
       frozen: regex patterns of parameter paths (``'/'``-joined) not trained during fine-tuning.
       weights: pretrained weights file, or None.
       classifier_prefix: torch key prefix of the classifier layer (dropped for feature extraction).
-      num_classes: classifier size of the pretrained weights.
+      num_classes: classifier size of the pretrained weights (None: the weights have none).
+      layout: key layout of the weights file: ``'torchvision'`` (also EfficientNet-Lite's package)
+        or one of :data:`msad_jax.models.vit_weights.LAYOUTS`.
+      learning_rate: suggested MSC learning rate when it differs from the published 1e-5 (a starting
+        point, not a measured result), or None.
     """
 
     name: str
@@ -49,7 +58,9 @@ class BackboneSpec:
     frozen: tuple[str, ...] = ()
     weights: pretrained.WeightsFile | None = None
     classifier_prefix: str = "fc."
-    num_classes: int = 1000
+    num_classes: int | None = 1000
+    layout: str = "torchvision"
+    learning_rate: float | None = None
 
 
 _RESNET_152_STYLE = Preprocessing(
@@ -110,6 +121,54 @@ BACKBONES["resnet_tiny"] = BackboneSpec(
 )
 
 
+_TIMM_VIT_STYLE = Preprocessing(
+    resize=248, crop=224, method="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+)
+_DINOV2_STYLE = Preprocessing(
+    resize=256, crop=224, method="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD
+)
+VIT_LEARNING_RATE = 1e-4
+
+
+def _vit_frozen(variant: vit.ViTVariant) -> tuple[str, ...]:
+    """Patch embedding, tokens, position embeddings and the first half of the blocks."""
+    half = variant.kwargs["depth"] // 2
+    blocks = "|".join(str(i) for i in range(half))
+    tokens = ("^cls_token$", "^pos_embed$")
+    if variant.kwargs.get("num_registers"):
+        tokens += ("^reg_token$",)
+    return ("^patch_embed/", *tokens, f"^blocks/({blocks})/")
+
+
+def _vit_spec(variant: vit.ViTVariant) -> BackboneSpec:
+    timm_layout = variant.layout == "timm"
+    return BackboneSpec(
+        name=variant.name,
+        make=lambda **kw: vit.make_vit(variant.name, **kw),
+        preprocessing=_TIMM_VIT_STYLE if timm_layout else _DINOV2_STYLE,
+        frozen=_vit_frozen(variant),
+        weights=pretrained.HUB_WEIGHTS[variant.name],
+        classifier_prefix="head.",
+        num_classes=1000 if timm_layout else None,
+        layout=variant.layout,
+        learning_rate=VIT_LEARNING_RATE,
+    )
+
+
+BACKBONES.update({n: _vit_spec(v) for n, v in vit.VIT_VARIANTS.items() if n != "vit_tiny"})
+BACKBONES["vit_tiny"] = BackboneSpec(
+    name="vit_tiny",
+    make=lambda **kw: vit.make_vit("vit_tiny", **kw),
+    preprocessing=Preprocessing(
+        resize=32, crop=None, method="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD
+    ),
+    frozen=_vit_frozen(vit.VIT_VARIANTS["vit_tiny"]),
+    classifier_prefix="head.",
+    num_classes=10,
+    layout="timm",
+)
+
+
 def list_backbones() -> list[str]:
     """Names accepted by :func:`build_backbone`."""
     return sorted(BACKBONES)
@@ -128,8 +187,6 @@ def backbone_spec(name: str) -> BackboneSpec:
 def build_backbone(name: str, **overrides: Any) -> nn.Module:
     """Builds the Flax module of backbone ``name``.
 
-    ``module.apply(variables, images_nhwc, train=False)`` returns pooled features ``[N, D]``.
-
     Args:
       name: one of :func:`list_backbones`.
       **overrides: module attributes, e.g. ``dtype=jnp.bfloat16`` or ``num_classes=1000``.
@@ -138,10 +195,7 @@ def build_backbone(name: str, **overrides: Any) -> nn.Module:
 
 
 def variable_shapes(model: nn.Module, image_size: int) -> dict[str, Any]:
-    """Abstract ``{'params', 'batch_stats'}`` of ``model`` (``jax.ShapeDtypeStruct`` leaves).
-
-    Includes the classifier when the model has ``num_classes``; nothing is computed.
-    """
+    """Abstract ``{'params', 'batch_stats'}`` of ``model`` (``jax.ShapeDtypeStruct`` leaves)."""
     with_logits = getattr(model, "num_classes", None) is not None
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return jax.eval_shape(
@@ -162,17 +216,15 @@ def _init_leaf(
         return rng.uniform(-bound, bound, shape)
     if leaf == "bias" and len(path) >= 2 and path[-2] in ("fc", "_fc"):
         return rng.uniform(-1.0, 1.0, shape) / np.sqrt(max(shape[0], 1))
-    if leaf in ("scale", "var"):
+    if leaf in ("pos_embed", "cls_token", "reg_token"):  # timm: trunc_normal_(std=0.02) or so
+        return rng.normal(0.0, 0.02, shape)
+    if leaf in ("scale", "var", "gamma"):  # gamma: Hugging Face DINOv2's layer scale init 1.0
         return np.ones(shape)
     return np.zeros(shape)  # BatchNorm bias and running mean
 
 
 def init_variables(model: nn.Module, image_size: int, seed: int = 0) -> dict[str, Any]:
     """Randomly initialised ``{'params', 'batch_stats'}`` (float32 NumPy arrays).
-
-    Draws torchvision's initialisation with NumPy instead of calling ``model.init``: the result is
-    the same kind of network, and it avoids compiling the random-number kernels of every parameter
-    (tens of seconds on a CPU, even for a tiny model).
 
     Args:
       model: a backbone from :func:`build_backbone` (with its classifier if it has ``num_classes``).
@@ -218,6 +270,54 @@ def from_torchvision(
     return convert.variables_from_torch(state_dict, template, model_name=name)
 
 
+def convert_weights(
+    state_dict: Mapping[str, np.ndarray], name: str, *, with_classifier: bool | None = None
+) -> dict[str, Any]:
+    """Converts a state dict in backbone ``name``'s weights layout (``BackboneSpec.layout``).
+
+    Raises:
+      StateDictMismatchError: listing every missing, unexpected or mis-shaped key.
+      ValueError: a classifier was asked of weights that have none.
+    """
+    spec = backbone_spec(name)
+    if spec.layout == "torchvision":
+        return from_torchvision(state_dict, name, with_classifier=with_classifier)
+    return convert_vit_weights(state_dict, name, spec.layout, with_classifier=with_classifier)
+
+
+def convert_vit_weights(
+    state_dict: Mapping[str, np.ndarray],
+    name: str,
+    layout: str,
+    *,
+    with_classifier: bool | None = None,
+) -> dict[str, Any]:
+    """Converts ViT backbone ``name``'s weights from any layout of ``vit_weights.LAYOUTS``.
+
+    Args:
+      state_dict: key -> array, e.g. from :func:`msad_jax.models.weight_files.load_state_dict`.
+      name: a ViT backbone name.
+      layout: ``'timm'``, ``'dinov2'``, ``'hf_vit'`` or ``'hf_dinov2'``.
+      with_classifier: keep timm's ``head``; default: when the state dict has one.
+
+    Raises:
+      StateDictMismatchError: listing every missing, unexpected or mis-shaped key.
+      ValueError: a classifier was asked of weights that have none.
+    """
+    spec = backbone_spec(name)
+    has_head = _has_classifier(state_dict, spec.classifier_prefix) and layout == "timm"
+    with_classifier = has_head if with_classifier is None else with_classifier
+    if with_classifier and (spec.num_classes is None or layout != "timm"):
+        raise ValueError(f"{name} weights in the {layout} layout have no classifier to load.")
+    if not with_classifier and layout == "timm":
+        state_dict = {
+            k: v for k, v in state_dict.items() if not k.startswith(spec.classifier_prefix)
+        }
+    model = spec.make(num_classes=spec.num_classes if with_classifier else None)
+    template = variable_shapes(model, spec.preprocessing.size)
+    return vit_weights.convert_state_dict(state_dict, template, layout, model_name=name)
+
+
 def to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Converts ``{'params', 'batch_stats'}`` back to a torch-layout state dict of NumPy arrays."""
     return convert.variables_to_torch(variables)
@@ -239,9 +339,6 @@ def load_pretrained(
 ) -> dict[str, Any]:
     """Pretrained ``{'params', 'batch_stats'}`` of backbone ``name`` (NumPy arrays).
 
-    Looks for the weights file in the cache (downloading it when online), verifies its hash,
-    converts it strictly, and caches the converted variables.
-
     Args:
       name: backbone name.
       cache_dir: cache folder; default ``$MSAD_JAX_CACHE`` or ``~/.cache/msad_jax``.
@@ -257,7 +354,8 @@ def load_pretrained(
     weights = (registry or {}).get(name, spec.weights)
     if weights is None:
         raise pretrained.PretrainedWeightsError(
-            f"Backbone {name!r} has no pretrained weights; use a ResNet or EfficientNet-Lite."
+            f"Backbone {name!r} has no pretrained weights; use a ResNet, EfficientNet-Lite, ViT "
+            "or DINOv2."
         )
     path = pretrained.fetch_weights(name, weights, cache_dir, offline=offline)
     kind = "classifier" if with_classifier else "features"
@@ -271,8 +369,8 @@ def load_pretrained(
                 return variables
         except (ValueError, OSError):
             pass  # A damaged conversion cache is rebuilt from the verified weights file below.
-    state_dict = weight_files.load_torch_checkpoint(path)
-    variables = from_torchvision(state_dict, name, with_classifier=with_classifier)
+    state_dict = weight_files.load_state_dict(path)
+    variables = convert_weights(state_dict, name, with_classifier=with_classifier)
     with contextlib.suppress(OSError):  # A read-only cache only costs a re-conversion next time.
         pretrained.save_variables(variables, converted)
     return variables

@@ -27,6 +27,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from msad_jax.models import cpu_lowering
+
 Dtype = Any
 
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu').
@@ -51,6 +53,7 @@ def _conv(
         kernel_init=_CONV_INIT,
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=cpu_lowering.conv_general_dilated,
         name=name,
     )
 
@@ -194,7 +197,7 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = _conv(self.width, 7, 2, 3, "conv1", self.dtype)(x)
         x = nn.relu(_batch_norm(train, "bn1", self.dtype)(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = cpu_lowering.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         for i, num_blocks in enumerate(self.stage_sizes):
             x = Stage(
                 self.block,

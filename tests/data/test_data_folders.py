@@ -1,5 +1,6 @@
 """Folder and zip sources on images written by the test (PNG, JPEG, gray, RGBA, odd sizes)."""
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -176,3 +177,80 @@ def test_real_cifar10_jpeg_zip_layout_and_pixels():
     # JPEG copy of the same image: ~8 grey levels; a different image: far more.
     assert np.diag(rmse).max() < 15
     assert (rmse + np.eye(20) * 1e9).min() > 2 * np.diag(rmse).max()
+
+
+def smooth(seed, height, width):
+    """A photo-like image (smooth gradients plus mild noise): compresses like a photo."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [np.sin(2 * np.pi * (f * xx + g * yy)) for f, g in rng.uniform(0.5, 3, (3, 2))]
+    image = 127.5 + 100 * np.stack(channels, axis=-1) + rng.normal(0, 4, (height, width, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_huge_images_of_one_size_are_reduced_while_decoding(tmp_path, monkeypatch):
+    """A small stand-in for a folder of huge photos: no image is ever held at full size."""
+    from msad_jax.data import images
+
+    side = 1024  # 4x the default 256: the JPEG decoder's 1/4 scale applies
+    root = tmp_path / "huge"
+    for i in range(3):
+        write(root / "train" / "normal" / f"{i}.jpg", smooth(i, side, side), fmt="JPEG")
+    write(root / "test" / "normal" / "n.jpg", smooth(10, side, side), fmt="JPEG")
+    write(root / "test" / "anomalous" / "a.png", smooth(11, 600, 600))  # PNG: no draft
+    seen = []
+    original = images.fit_square
+
+    def spy(image, size):
+        seen.append(image.size if hasattr(image, "size") else image.shape[1::-1])
+        return original(image, size)
+
+    monkeypatch.setattr(images, "fit_square", spy)
+    stacked = []
+    original_stack = images.stack_images
+    monkeypatch.setattr(
+        images,
+        "stack_images",
+        lambda arrays, size: stacked.extend(arrays) or original_stack(arrays, size),
+    )
+    data = load_one_class("folder", "normal", path=root, num_workers=2)
+    assert data.train_images.shape == (3, 256, 256, 3) and data.test_images.shape == (
+        2,
+        256,
+        256,
+        3,
+    )
+    assert {a.shape for a in stacked} == {(256, 256, 3)}  # only reduced images are collected
+    jpeg_inputs = sorted(seen)[:-1]  # the PNG is decoded at full size, one at a time
+    assert len(seen) == 5 and max(max(s) for s in jpeg_inputs) <= 2 * 256
+    # Reduced-scale decoding changes the pixels only a little (torchvision on the full decode).
+    oracle = T.Compose([T.Resize(256), T.CenterCrop(256)])
+    full = np.asarray(oracle(Image.open(root / "train" / "normal" / "0.jpg").convert("RGB")))
+    assert np.abs(data.train_images[0].astype(float) - full).mean() < 3.0
+
+
+def test_one_common_size_up_to_256_is_kept_and_larger_ones_are_not(tmp_path):
+    small, large = tmp_path / "small", tmp_path / "large"
+    for root, side in ((small, 32), (large, 300)):
+        write(root / "train" / "normal" / "a.png", rand(1, side, side))
+        write(root / "test" / "normal" / "b.png", rand(2, side, side))
+        write(root / "test" / "anomalous" / "c.png", rand(3, side, side))
+    kept = load_one_class("folder", 0, path=small)
+    np.testing.assert_array_equal(kept.train_images[0], rand(1, 32, 32))  # pixel for pixel
+    assert load_one_class("folder", 0, path=large).test_images.shape == (2, 256, 256, 3)
+    assert load_one_class("folder", 0, path=small, image_size=48).train_images.shape[1] == 48
+
+
+def test_file_list_fingerprint_sees_names_and_sizes_not_times(class_tree, tmp_path):
+    from msad_jax.data.folders import file_list_fingerprint
+
+    first = file_list_fingerprint(class_tree)
+    assert file_list_fingerprint(zip_dir(class_tree, tmp_path / "same.zip")) == first
+    image = class_tree / "train" / "cat" / "img1.png"
+    os.utime(image, (0, 0))
+    assert file_list_fingerprint(class_tree) == first
+    image.rename(class_tree / "train" / "cat" / "img99.png")
+    renamed = file_list_fingerprint(class_tree)
+    assert renamed != first
+    write(class_tree / "train" / "cat" / "img99.png", rand(0, 17, 16))
+    assert file_list_fingerprint(class_tree) not in (first, renamed)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from msad_jax.data import load_one_class, protocols, tfds_sources
+from msad_jax.data import load_one_class, registry, tfds_sources
 from msad_jax.data.tfds_sources import cats_vs_dogs_split
 
 N = 60
@@ -62,7 +62,7 @@ def test_fixed_size_datasets_one_class_split(name, label_key, normal, tmp_path):
         "test_anomalous": int((test_labels != normal).sum()),
     }
     assert data.train_images.dtype == np.uint8 and data.train_images.shape[-1] == 3
-    assert data.class_names == protocols.class_names(name)
+    assert data.class_names == registry.class_names(name)
     assert name in data.summary() and str(counts["train"]) in data.summary()
 
 
@@ -71,7 +71,7 @@ def test_cifar100_uses_the_20_superclasses_not_the_100_labels(tmp_path):
         data = load_one_class("cifar100", 0, data_dir=str(tmp_path))
         fine = np.asarray([ex["label"] for ex in direct("cifar100", "test")])
     assert data.test_classes.max() < 20 <= fine.max()
-    assert protocols.num_classes("cifar100") == 20
+    assert registry.num_classes("cifar100") == 20
 
 
 def test_fashion_mnist_grayscale_is_replicated_to_three_channels(tmp_path):
@@ -129,11 +129,11 @@ def test_class_names_agree_with_tfds_where_tfds_knows_them(tmp_path):
     for name in ("fashion_mnist", "cats_vs_dogs"):
         spec = tfds_sources.SPECS[name]
         features = tfds.builder(name, data_dir=str(tmp_path)).info.features
-        assert list(features[spec.label_key].names) == protocols.class_names(name)
+        assert list(features[spec.label_key].names) == registry.class_names(name)
     # CIFAR names come with the downloaded files; CIFAR-100's coarse names are alphabetical.
-    assert protocols.class_names("cifar100") == sorted(protocols.class_names("cifar100"))
-    assert len(set(protocols.class_names("cifar100"))) == 20
-    assert protocols.class_names("cifar10")[0] == "airplane"
+    assert registry.class_names("cifar100") == sorted(registry.class_names("cifar100"))
+    assert len(set(registry.class_names("cifar100"))) == 20
+    assert registry.class_names("cifar10")[0] == "airplane"
 
 
 def test_offline_without_data_names_what_to_download_and_where(tmp_path):
@@ -150,11 +150,17 @@ def test_offline_without_data_names_what_to_download_and_where(tmp_path):
         )
 
 
-def test_missing_tensorflow_is_one_sentence(tmp_path, monkeypatch):
+def test_missing_tensorflow_is_one_sentence(tmp_path, monkeypatch, caplog):
+    from msad_jax.errors import MissingDependencyError
+
     monkeypatch.setattr(tfds_sources, "tensorflow_available", lambda: False)
-    with pytest.raises(ImportError, match=r"pip install 'msad_jax\[tf\]'") as err:
+    with pytest.raises(MissingDependencyError, match=r"pip install 'msad_jax\[tf\]'") as err:
         load_one_class("cifar10", 0, data_dir=str(tmp_path))
-    assert "\n" not in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message
+    # Where to put the data instead: the manual folder, or a prepared copy.
+    assert str(tmp_path / "downloads" / "manual") in message and "'cifar10/" in message
+    assert not [r for r in caplog.records if "Variant folder" in r.getMessage()]
 
 
 def test_failed_download_gives_the_offline_instructions(tmp_path, monkeypatch):

@@ -19,14 +19,12 @@ import torchvision.transforms as T
 from PIL import Image
 
 from msad_jax.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Preprocessing,
     eval_geometry,
     eval_transform,
     make_preprocess_fn,
     resize_crop_weights,
 )
+from msad_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 RESNET152 = Preprocessing(resize=256, crop=224, method="bilinear")
 RESNET18 = Preprocessing(resize=224, crop=None, method="bicubic")
@@ -132,3 +130,68 @@ def test_real_cifar_images_match_torchvision(prep, max_diff):
     diff = np.abs(mine - ref) * np.asarray(IMAGENET_STD) * 255
     assert diff.max() <= max_diff, diff.max()
     assert diff.mean() < 0.4, diff.mean()
+
+
+# Images of any size and channel count (what a detector scores, also under jax.export).
+
+
+def _smooth_image(rng, height, width, channels=3):
+    steps = rng.normal(size=(height, width, channels))
+    return np.clip(np.cumsum(np.cumsum(steps, 0), 1) * 3 + 128, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("height", "width"), [(48, 40), (17, 93), (300, 211), (31, 33)])
+def test_float_fit_matches_pillow_fit_square(height, width):
+    from msad_jax.data.images import fit_square
+    from msad_jax.data.transforms import fit_square_float
+
+    rng = np.random.default_rng(height * 1000 + width)
+    noise = rng.integers(0, 256, (height, width, 3), np.uint8)
+    images = np.stack([noise, _smooth_image(rng, height, width)])
+    got = np.asarray(jax.jit(lambda x: fit_square_float(x, 32))(images))
+    for image, fitted in zip(images, got, strict=True):
+        want = fit_square(image, 32).astype(np.float32)  # Pillow: fixed point, rounded to uint8
+        assert fitted.shape == want.shape == (32, 32, 3)
+        assert np.abs(fitted - want).max() <= 1.0 + 1e-3
+
+
+def test_float_fit_is_the_identity_at_the_side():
+    from msad_jax.data.transforms import fit_square_float, fit_weights
+
+    np.testing.assert_array_equal(np.asarray(fit_weights(32, 32, 32)), np.eye(32))
+    np.testing.assert_array_equal(np.asarray(fit_weights(32, 45, 32)), np.eye(32))  # shorter
+    image = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
+    np.testing.assert_array_equal(np.asarray(fit_square_float(image, 32)), image)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_to_rgb_matches_pillow_convert(mode):
+    from msad_jax.data.transforms import to_rgb
+
+    pixels = np.random.default_rng(1).integers(0, 256, (7, 9, len(mode)), np.uint8)
+    pil = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+    want = np.asarray(pil.convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(to_rgb(jnp.asarray(pixels))), want)
+    # The same with a symbolic channel count (jax.export), as the exported scorer runs it.
+    from jax import export
+
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("h, w, c"), jnp.uint8)
+    exported = export.export(jax.jit(to_rgb))(spec)
+    np.testing.assert_array_equal(np.asarray(exported.call(pixels)), want)
+
+
+def test_any_size_transform_with_symbolic_shapes_equals_the_static_one():
+    from jax import export
+
+    from msad_jax.data.transforms import any_size_transform
+
+    prep = Preprocessing(resize=40, crop=36, method="bicubic")
+    fn = jax.jit(lambda x: any_size_transform(x, 32, prep))
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, h, w, c"), jnp.uint8)
+    exported = export.export(fn)(spec)
+    rng = np.random.default_rng(2)
+    for shape in [(2, 32, 32, 3), (1, 37, 23, 4), (3, 50, 41, 1), (1, 300, 211, 3)]:
+        images = rng.integers(0, 256, shape, np.uint8)
+        want = np.asarray(fn(images))
+        assert want.shape == (shape[0], 36, 36, 3)
+        np.testing.assert_allclose(np.asarray(exported.call(images)), want, rtol=0, atol=1e-5)

@@ -785,42 +785,28 @@ def _raw_safetensors(path, header, buffer: bytes, header_len=None) -> None:
 
 GOOD_BUFFER = np.arange(6, dtype=np.float32).tobytes()
 BROKEN_HEADERS = {
-    "unknown_dtype": ({"a": {"dtype": "Q8", "shape": [6], "data_offsets": [0, 24]}}, "dtype"),
-    "offsets_past_end": (
-        {"a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}},
-        "within the 24-byte",
-    ),
-    "shape_mismatch": (
-        {"a": {"dtype": "F32", "shape": [5], "data_offsets": [0, 24]}},
-        "shape needs 20",
-    ),
-    "overlap": (
-        {
-            "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-            "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
-        },
-        "overlapping",
-    ),
-    "trailing_bytes": (
-        {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
-        "cover 16 of 24",
-    ),
-    "negative_dim": ({"a": {"dtype": "F32", "shape": [-6], "data_offsets": [0, 24]}}, "shape"),
-    "extra_field": (
-        {"a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24], "x": 1}},
-        "exactly",
-    ),
-    "not_object": ([1, 2], "JSON object"),
+    "unknown_dtype": {"a": {"dtype": "Q8", "shape": [6], "data_offsets": [0, 24]}},
+    "offsets_past_end": {"a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}},
+    "shape_mismatch": {"a": {"dtype": "F32", "shape": [5], "data_offsets": [0, 24]}},
+    "overlap": {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+    },
+    "trailing_bytes": {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+    "negative_dim": {"a": {"dtype": "F32", "shape": [-6], "data_offsets": [0, 24]}},
+    "not_object": [1, 2],
 }
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN_HEADERS))
 def test_corrupt_safetensors_header(tmp_path, case):
-    header, message = BROKEN_HEADERS[case]
     path = tmp_path / f"{case}.safetensors"
-    _raw_safetensors(path, header, GOOD_BUFFER)
-    with pytest.raises(wf.WeightFileError, match=message):
+    _raw_safetensors(path, BROKEN_HEADERS[case], GOOD_BUFFER)
+    with pytest.raises(wf.WeightFileError, match="not a readable safetensors file") as info:
         wf.load_safetensors(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(wf.WeightFileError):
+        wf.load_state_dict(path)
 
 
 def test_valid_raw_safetensors_control(tmp_path):
@@ -842,18 +828,10 @@ def test_truncated_safetensors(tmp_path):
     wf.save_safetensors({"w": np.ones((4, 4), np.float32)}, path)
     data = path.read_bytes()
     cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(data[:-8])
-    with pytest.raises(wf.WeightFileError, match="within the"):
-        wf.load_safetensors(cut)
-    cut.write_bytes(data[:40])
-    with pytest.raises(wf.WeightFileError, match="exceeds the file"):
-        wf.load_safetensors(cut)
-    cut.write_bytes(data[:5])
-    with pytest.raises(wf.WeightFileError, match="too short"):
-        wf.load_safetensors(cut)
-    cut.write_bytes((10).to_bytes(8, "little") + b"{not json}")
-    with pytest.raises(wf.WeightFileError, match="not valid JSON"):
-        wf.load_safetensors(cut)
+    for damaged in (data[:-8], data[:40], data[:5], (10).to_bytes(8, "little") + b"{not json}"):
+        cut.write_bytes(damaged)
+        with pytest.raises(wf.WeightFileError, match="not a readable safetensors file"):
+            wf.load_safetensors(cut)
 
 
 # ----------------------------------------------------------------------------- npz

@@ -1,4 +1,4 @@
-"""The opt-in CPU convolution switch of ``msad_jax.main`` (``--cpu_eigen_convolutions``)."""
+"""The CPU lowering's switch and XLA flag (``msad_jax.cpu_flags``, ``--nocpu_lowering``)."""
 
 import json
 import os
@@ -6,7 +6,9 @@ import subprocess
 import sys
 import textwrap
 
-from msad_jax import main
+import pytest
+
+from msad_jax import cpu_flags
 
 # Run in a fresh interpreter: XLA reads XLA_FLAGS once, when the CPU backend starts, and aborts
 # the process on a flag it does not know (so this also guards against a jaxlib that dropped it).
@@ -54,23 +56,50 @@ def _reference():
     return y, dw
 
 
-def test_switch_adds_the_flag_once_and_respects_an_explicit_setting(monkeypatch):
+def test_flag_added_once_taken_back_by_the_switch_and_explicit_settings_win(monkeypatch):
+    monkeypatch.setattr(cpu_flags, "_added", False)
+    monkeypatch.delenv(cpu_flags.ENV_VAR, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    main.use_eigen_convolutions()
-    main.use_eigen_convolutions()
+    assert cpu_flags.configure_xla_flags()
+    assert cpu_flags.configure_xla_flags()
     flags = os.environ["XLA_FLAGS"].split()
-    assert flags == ["--xla_force_host_platform_device_count=2", main.EIGEN_CONVOLUTIONS_FLAG]
+    assert flags == ["--xla_force_host_platform_device_count=2", cpu_flags.EIGEN_CONVOLUTIONS_FLAG]
+    cpu_flags.switch_off()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    assert not cpu_flags.switched_on()
+    assert not cpu_flags.configure_xla_flags()  # switched off: nothing added
 
     explicit = "--xla_cpu_experimental_ynn_fusion_type=dot"
+    monkeypatch.setenv(cpu_flags.ENV_VAR, "1")
     monkeypatch.setenv("XLA_FLAGS", explicit)
-    main.use_eigen_convolutions()
-    assert os.environ["XLA_FLAGS"] == explicit
+    assert not cpu_flags.configure_xla_flags()
+    cpu_flags.switch_off()
+    assert os.environ["XLA_FLAGS"] == explicit  # not ours to take back
+
+
+@pytest.mark.parametrize("value", ["0", "off", "False", " no "])
+def test_switch_values_that_turn_it_off(monkeypatch, value):
+    monkeypatch.setenv(cpu_flags.ENV_VAR, value)
+    assert not cpu_flags.switched_on()
+    monkeypatch.setenv(cpu_flags.ENV_VAR, "1")
+    assert cpu_flags.switched_on()
+
+
+@pytest.mark.parametrize(("switch", "expected"), [("1", True), ("0", False)])
+def test_importing_msad_jax_sets_the_flag_unless_switched_off(switch, expected):
+    env = {**os.environ, cpu_flags.ENV_VAR: switch, "XLA_FLAGS": ""}
+    code = "import os, msad_jax; print(os.environ['XLA_FLAGS'])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (cpu_flags.EIGEN_CONVOLUTIONS_FLAG in proc.stdout.split()) is expected
 
 
 def test_this_jaxlib_accepts_the_flag_and_convolutions_stay_exact():
     import numpy as np
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": main.EIGEN_CONVOLUTIONS_FLAG}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": cpu_flags.EIGEN_CONVOLUTIONS_FLAG}
     proc = subprocess.run(
         [sys.executable, "-c", CHILD],
         env=env,
