@@ -300,7 +300,7 @@ def compactness(center: np.ndarray, gallery: np.ndarray) -> dict[str, float]:
     }
 
 
-# Besides train.RESUME_KEYS, what a finished report in a workdir must agree on to be reused.
+# Besides run_setup.RESUME_KEYS, what a finished report in a workdir must agree on to be reused.
 REPORT_KEYS = ("epochs", "max_steps", "knn_k", "eval_every_epochs", "image_size")
 
 
@@ -310,13 +310,15 @@ def finished_report(config, workdir: pathlib.Path) -> dict[str, Any] | None:
     (A run the product finished already, e.g. a pilot started from the command line, is read
     instead of being evaluated once more.)
     """
-    from msad_jax.train import RESUME_KEYS, RUN_INFO_FILE
+    from msad_jax.run_files import RUN_INFO_FILE
+    from msad_jax.run_setup import RESUME_KEYS
 
     report_file, info_file = workdir / "report.json", workdir / RUN_INFO_FILE
     if not (report_file.is_file() and info_file.is_file()):
         return None
     saved = json.loads(info_file.read_text(encoding="utf-8"))["config"]
-    if any(saved.get(k) != config[k] for k in (*RESUME_KEYS, *REPORT_KEYS)):
+    # A key the saved run does not have is newer than that run; it had the key's default.
+    if any(k in saved and saved[k] != config[k] for k in (*RESUME_KEYS, *REPORT_KEYS)):
         return None
     report = json.loads(report_file.read_text(encoding="utf-8"))
     evaluated = [h["epoch"] for h in report["history"] if "auroc" in h]
