@@ -111,6 +111,22 @@ def _cpu_training() -> str:
     return cpu_training_report.results_markdown(found, earlier)
 
 
+def _cifar10_exact() -> str:
+    import cifar10_exact_report as report
+
+    folder = RESULTS / "cifar10_exact"
+    if not (folder / "records").is_dir():
+        raise FileNotFoundError(f"No records in {folder}/records.")
+    args = report.parse_args([])
+    return report.markdown(
+        report.load_records(folder / "records"),
+        report.load_records(folder / "epoch0"),
+        report.load_records(folder / "pilot"),
+        lr=args.lr,
+        published_lr=args.published_lr,
+    )
+
+
 def pages() -> dict[str, Callable[[], str]]:
     """Every generated page (path relative to ``benchmarks/results/``) and how to render it."""
     return {
@@ -141,6 +157,7 @@ def pages() -> dict[str, Callable[[], str]]:
         "threshold_calibration.md": _threshold_calibration,
         "vit_backbones.md": _vit_backbones,
         "cpu_training.md": _cpu_training,
+        "cifar10_exact.md": _cifar10_exact,
     }
 
 

