@@ -20,6 +20,10 @@ Each run is one (backbone, class, method, learning rate, seed, implementation):
   :func:`make_views_fn`; evaluated on the same evaluation tensors (``eval_transform``) with its own
   kNN (torch) and ROC-AUC (scikit-learn); resumes from its last finished epoch.
 
+A JAX run's training views are made on the device (``augment='device'``, the default) or, for the
+runs named ``..._pil``, with Pillow on the host as torchvision makes them (``augment='pil'``,
+``msad_jax.data.pil_augment``); the evaluation transform is the same for both.
+
 Epoch 0 (before any update) is the pretrained kNN. A finished run writes one JSON record to
 ``<records>/<name>.json`` (ROC-AUC and AP after every epoch, losses, config, preprocessing, timings,
 git commit, package versions, machine and load); runs with a record are skipped, and a record is
@@ -34,7 +38,10 @@ resumes from there).
 
 The grid, in the order it runs (most informative first): classes 0, 3, 8 at ``--lr`` (MSC and
 standard contrastive, seed 0); the PyTorch reference of those six runs; the published lr
-``--published_lr`` on classes 0, 3, 8; the other seven classes at ``--lr``; seed 1 on 0, 3, 8.
+``--published_lr`` on classes 0, 3, 8; the other seven classes at ``--lr``; seed 1 on 0, 3, 8;
+then the training-view comparison: MSC at ``--lr`` on classes 0, 3, 8 with seeds 0, 1, 2 and
+Pillow views, and with device views the seed these lack (2), ordered by seed so that every
+finished seed gives complete (class, seed) pairs.
 
 Usage (repository root; restartable: the same command resumes where it stopped)::
 
@@ -73,7 +80,9 @@ DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "cifar10_exact"
 ZIP_NAME = "cifar10_exact_png.zip"
 METHODS = ("msc", "contrastive")
 IMPLEMENTATIONS = ("jax", "torch")
+AUGMENTS = ("device", "pil")  # config.augment: where the training views are made
 FIRST_CLASSES = (0, 3, 8)
+PIPELINE_SEEDS = (0, 1, 2)  # seeds of the device-vs-Pillow views comparison (MSC, classes 0, 3, 8)
 # Config keys that, with the run's identity, define what a record means.
 SETTING_KEYS = (
     "image_size",
@@ -93,6 +102,9 @@ SETTING_KEYS = (
     "train_images",
     "test_images",
 )
+# Settings newer than the first records, with the value those records were made with: a setting
+# enters a record's identity only when it differs from that value, so earlier records still match.
+LATER_SETTINGS = {"augment": "device", "eval_resize": "float"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,14 +121,16 @@ class RunSpec:
     learning_rate: float
     seed: int
     implementation: str
+    augment: str = "device"
 
     @property
     def name(self) -> str:
-        """File and folder name, e.g. ``lite0_c3_msc_lr1e-03_s0_jax``."""
+        """File and folder name, e.g. ``lite0_c3_msc_lr1e-03_s0_jax`` (``_pil`` added: Pillow)."""
         short = self.backbone.removeprefix("efficientnet_")
+        suffix = "" if self.augment == "device" else f"_{self.augment}"
         return (
             f"{short}_c{self.normal_class}_{self.method}_lr{self.learning_rate:.0e}_"
-            f"s{self.seed}_{self.implementation}"
+            f"s{self.seed}_{self.implementation}{suffix}"
         )
 
 
@@ -129,6 +143,7 @@ def build_grid(
     num_classes: int = 10,
     seeds: Sequence[int] = (0, 1),
     methods: Sequence[str] = METHODS,
+    pipeline_seeds: Sequence[int] = PIPELINE_SEEDS,
 ) -> list[RunSpec]:
     """The runs in the order they run (see the module docstring)."""
 
@@ -145,7 +160,23 @@ def build_grid(
     grid += runs(rest, lr, first_seed, "jax")
     for seed in other_seeds:
         grid += runs(first_classes, lr, seed, "jax")
+    names = {spec.name for spec in grid}
+    for seed in pipeline_seeds:
+        for c in first_classes:
+            for augment in AUGMENTS:
+                spec = RunSpec(backbone, c, "msc", lr, seed, "jax", augment)
+                if spec.name not in names:
+                    grid.append(spec)
+                    names.add(spec.name)
     return grid
+
+
+def find_run(grid: Sequence[RunSpec], name: str) -> RunSpec:
+    """The run of ``grid`` called ``name``."""
+    for spec in grid:
+        if spec.name == name:
+            return spec
+    raise SystemExit(f"error: no run {name!r} in the grid; see --dry_run for the names.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,17 +225,20 @@ def run_config(base, spec: RunSpec, data_zip: pathlib.Path):
     config.loss = spec.method
     config.learning_rate = spec.learning_rate
     config.seed = spec.seed
+    config.augment = spec.augment
     config.progress = False
     return config
 
 
 def identity(spec: RunSpec, config, data_sha256: str) -> dict[str, Any]:
-    """What a record must agree on to count as this run's result."""
-    return {
+    """What a record must agree on to count as this run's result (see ``LATER_SETTINGS``)."""
+    ident = {
         **dataclasses.asdict(spec),
         **{key: config[key] for key in SETTING_KEYS},
+        **{key: config[key] for key in LATER_SETTINGS},
         "data_sha256": data_sha256,
     }
+    return {k: v for k, v in ident.items() if k not in LATER_SETTINGS or v != LATER_SETTINGS[k]}
 
 
 def relative(path: str | os.PathLike) -> str:
@@ -559,6 +593,10 @@ def execute(
     from msad_jax import train
     from msad_jax.models import backbone_spec
 
+    if spec.implementation == "torch" and spec.augment != "device":
+        raise SystemExit(
+            f"error: {spec.name}: the PyTorch reference trains on the device views only."
+        )
     data_zip = exact_cifar.ensure_png_zip(subsets, workdir / ZIP_NAME)
     config = run_config(base, spec, data_zip)
     ident = identity(spec, config, subsets.sha256)
@@ -590,6 +628,7 @@ def execute(
         "method": spec.method,
         "learning_rate": spec.learning_rate,
         "seed": spec.seed,
+        "augment": spec.augment,
         "epochs": config.epochs,
         "steps_per_epoch": train.training_steps(config, len(data.train_images))[0],
         "data": exact_cifar.DATA_LABEL,
@@ -667,6 +706,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_overrides(base, args.set)
     from msad_jax.config import ConfigError, validate_config
 
+    if base.augment != "device":
+        raise SystemExit(
+            "error: --set augment: the training views belong to each run (the runs named "
+            "..._pil use Pillow views); leave augment at 'device'."
+        )
     base.data_dir = str(args.workdir / ZIP_NAME)
     if args.lr is None:
         args.lr = base.learning_rate
@@ -694,7 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging()
         args.workdir.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(args.workdir / "jax_cache"))
-        execute(by_name[args.child], base, workdir=args.workdir, records=records, subsets=subsets)
+        spec = find_run(grid, args.child)
+        execute(spec, base, workdir=args.workdir, records=records, subsets=subsets)
         return 0
     if args.only:
         unknown = [n for n in args.only.split(",") if n not in by_name]

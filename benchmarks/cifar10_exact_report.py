@@ -6,14 +6,17 @@ Reads ``<results>/records/*.json`` (one per run, written by ``cifar10_exact.py``
 * ``<results>.md`` (``benchmarks/results/cifar10_exact.md``): the epoch-0 preprocessing table, the
   pilot runs (``<results>/pilot/*.json``), the per-class and mean table (pretrained kNN = epoch 0,
   MSC and standard contrastive after the last epoch), the same at the published learning rate, the
-  seeds, the ROC-AUC after every epoch of every run, the agreement of the JAX runs with the PyTorch
+  seeds, MSC's gain with training views made on the device vs with Pillow (class x seed x views,
+  means, standard deviations, a paired t-test of the difference), the ROC-AUC after every epoch
+  of every run, the agreement of the JAX runs with the PyTorch
   reference trained on the same views (max and mean absolute difference of ROC-AUC per epoch, in
   points), compactness, time and load;
 * the README's real-data section, between the markers ``<!-- cifar10_exact:begin -->`` and
   ``<!-- cifar10_exact:end -->`` (unless ``--no_readme``).
 
 Nothing here is measured: every number comes from a record. A mean over classes only counts the
-classes that have all the numbers of its row.
+classes that have all the numbers of its row. The tables other than the views comparison and the
+per-run lists use the runs with device views only (``augment`` absent or ``'device'``).
 
 Usage (repository root)::
 
@@ -30,7 +33,9 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import exact_cifar
 import numpy as np
+from scipy import stats
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "cifar10_exact"
@@ -45,6 +50,10 @@ VARIANT_TITLES = {
     "resize_bilinear": "resize to 224, bilinear, float",
     "resize_bicubic_uint8": "resize to 224, Pillow bicubic rounded to uint8",
 }
+AUGMENT_TITLES = {"device": "device", "pil": "Pillow"}
+PIPELINE_CLASSES = (0, 3, 8)  # the views comparison of cifar10_exact.py (MSC, the grid's rate)
+PIPELINE_SEEDS = (0, 1, 2)
+SIGNIFICANCE = 0.05  # two-sided level at which a difference counts as beyond the seed noise
 COMMAND = "python benchmarks/cifar10_exact.py"
 CHOSEN_VARIANT = "resize_bicubic"  # the evaluation transform of configs/cifar10_exact_*.py
 
@@ -89,6 +98,12 @@ def find(records: Iterable[dict[str, Any]], **want: Any) -> dict[str, Any] | Non
         if ok:
             return record
     return None
+
+
+def augment_of(record: dict[str, Any]) -> str:
+    """Where a run's training views were made: ``'device'`` (also every record made before the
+    option existed) or ``'pil'``."""
+    return record.get("augment") or (record.get("spec") or {}).get("augment") or "device"
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +227,110 @@ def seed_pairs(records: Sequence[dict[str, Any]], *, lr: float) -> list[dict[str
                 }
             )
     return sorted(out, key=lambda e: (e["normal_class"], e["method"], e["seed"]))
+
+
+def pipeline_rows(
+    records: Sequence[dict[str, Any]],
+    *,
+    lr: float,
+    classes: Sequence[int] = PIPELINE_CLASSES,
+    seeds: Sequence[int] = PIPELINE_SEEDS,
+) -> list[dict[str, Any]]:
+    """One row per (class, seed, views) of the MSC runs at ``lr`` (JAX); a row without a record
+    has no ``gain``. ``gain``: final minus epoch-0 ROC-AUC (fractions)."""
+    names = dict(enumerate(exact_cifar.CLASS_NAMES))
+    rows = []
+    for c in classes:
+        for seed in seeds:
+            for augment in AUGMENT_TITLES:
+                row: dict[str, Any] = {
+                    "normal_class": c,
+                    "class_name": names.get(c, "?"),
+                    "seed": seed,
+                    "augment": augment,
+                }
+                record = find(
+                    [r for r in records if augment_of(r) == augment],
+                    implementation="jax",
+                    method="msc",
+                    normal_class=c,
+                    seed=seed,
+                    learning_rate=lr,
+                )
+                if record is not None:
+                    row["pretrained"] = record["auroc"][0]
+                    row["final"] = record["auroc"][-1]
+                    row["gain"] = row["final"] - row["pretrained"]
+                    row["epochs"] = len(record["auroc"]) - 1
+                rows.append(row)
+    return rows
+
+
+def _t_test(t: float, df: float) -> float:
+    """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
+    return float(2.0 * stats.t.sf(abs(t), df))
+
+
+def pipeline_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per views: runs, mean and SD (ddof 1) of the gain, mean final ROC-AUC; and the tests.
+
+    ``paired``: the difference Pillow minus device of the gain per (class, seed) that has both
+    runs; its mean, SD, standard error, t = mean / SE and the two-sided p-value with n - 1
+    degrees of freedom (the class's own difficulty cancels in each pair). ``welch``: Welch's
+    t-test of the two sets of gains, unpaired (class differences count as noise there). A test
+    needs 2 values per side and a non-zero spread; ``beyond_noise``: p < ``SIGNIFICANCE``.
+    """
+    out: dict[str, Any] = {}
+    gains: dict[str, np.ndarray] = {}
+    for augment in AUGMENT_TITLES:
+        measured = [r for r in rows if r["augment"] == augment and "gain" in r]
+        g = np.asarray([r["gain"] for r in measured], np.float64)
+        gains[augment] = g
+        out[augment] = {
+            "runs": len(g),
+            "mean": float(g.mean()) if len(g) else None,
+            "sd": float(g.std(ddof=1)) if len(g) > 1 else None,
+            "mean_final": float(np.mean([r["final"] for r in measured])) if measured else None,
+        }
+    by_key = {(r["normal_class"], r["seed"], r["augment"]): r for r in rows if "gain" in r}
+    pairs = [
+        (by_key[(c, s, "pil")], by_key[(c, s, "device")])
+        for (c, s, a) in sorted(by_key)
+        if a == "pil" and (c, s, "device") in by_key
+    ]
+    d = np.asarray([p["gain"] - q["gain"] for p, q in pairs], np.float64)
+    paired: dict[str, Any] = {
+        "n": len(d),
+        "differences": [
+            {"normal_class": p["normal_class"], "seed": p["seed"], "difference": float(x)}
+            for (p, _), x in zip(pairs, d, strict=True)
+        ],
+        "mean": float(d.mean()) if len(d) else None,
+        "epoch0_max_abs": (
+            max(abs(p["pretrained"] - q["pretrained"]) for p, q in pairs) if pairs else None
+        ),
+    }
+    if len(d) > 1:
+        paired["sd"] = float(d.std(ddof=1))
+        paired["se"] = paired["sd"] / np.sqrt(len(d))
+        if paired["se"] > 0:
+            paired["t"] = paired["mean"] / paired["se"]
+            paired["df"] = len(d) - 1
+            paired["p"] = _t_test(paired["t"], paired["df"])
+            paired["beyond_noise"] = paired["p"] < SIGNIFICANCE
+    out["paired"] = paired
+    a, b = gains["pil"], gains["device"]
+    welch: dict[str, Any] = {"n_pil": len(a), "n_device": len(b)}
+    if len(a) > 1 and len(b) > 1:
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        if va + vb > 0:
+            welch["difference"] = float(a.mean() - b.mean())
+            welch["t"] = welch["difference"] / float(np.sqrt(va + vb))
+            welch["df"] = float((va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)))
+            welch["p"] = _t_test(welch["t"], welch["df"])
+            welch["beyond_noise"] = welch["p"] < SIGNIFICANCE
+    out["welch"] = welch
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,6 +471,72 @@ def seed_lines(pairs: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def pipeline_lines(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    """The views comparison: one row per run, the per-views summary and the tests."""
+    lines = [
+        "| class | seed | training views | epoch 0 | final | gain (points) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['normal_class']} {r['class_name']} | {r['seed']} | "
+        head += f"{AUGMENT_TITLES[r['augment']]} | "
+        if "gain" in r:
+            lines.append(
+                head + f"{pct(r['pretrained'])} | {pct(r['final'])} | {points(r['gain'])} |"
+            )
+        else:
+            lines.append(head + "not measured yet | | |")
+    lines += [
+        "",
+        "| training views | runs | mean gain (points) | SD of the gain (points) | mean final |",
+        "|---|---|---|---|---|",
+    ]
+    for augment, title in AUGMENT_TITLES.items():
+        s = summary[augment]
+        sd = "" if s["sd"] is None else f"{100 * s['sd']:.2f}"
+        lines.append(
+            f"| {title} | {s['runs']} of {sum(r['augment'] == augment for r in rows)} | "
+            f"{points(s['mean'])} | {sd} | {pct(s['mean_final'])} |"
+        )
+    paired, welch = summary["paired"], summary["welch"]
+    lines.append("")
+    if paired["n"] == 0:
+        lines.append("No (class, seed) has both runs yet: no difference to test.")
+        return lines
+    diffs = ", ".join(
+        f"class {e['normal_class']} seed {e['seed']} {points(e['difference'])}"
+        for e in paired["differences"]
+    )
+    lines.append(
+        f"Pillow minus device, gain per (class, seed) with both runs ({paired['n']} of "
+        f"{len(rows) // 2}): {diffs}. Epoch 0 of the two runs of a pair differs by at most "
+        f"{100 * paired['epoch0_max_abs']:.2f} points (same pretrained features and evaluation "
+        "transform), so a difference of gains is a difference of final ROC-AUC."
+    )
+    lines.append("")
+    if "p" not in paired:
+        lines.append("Too few pairs for a test yet (it needs 2 with different differences).")
+        return lines
+    verdict = "beyond" if paired["beyond_noise"] else "within"
+    lines.append(
+        f"Test (paired over (class, seed), so that each class's difficulty cancels): mean "
+        f"difference {points(paired['mean'])} points, SD {100 * paired['sd']:.2f}, standard error "
+        f"{100 * paired['se']:.2f}; two-sided one-sample t-test of the differences, "
+        f"t = {paired['t']:.2f} with {paired['df']} degrees of freedom, p = {paired['p']:.3f}: "
+        f"**{verdict} the seed noise** at the {SIGNIFICANCE:g} level"
+        + ("" if paired["n"] == len(rows) // 2 else " (provisional: not every pair measured)")
+        + "."
+    )
+    if "p" in welch:
+        lines += [
+            "",
+            f"For comparison, Welch's t-test of the unpaired gains ({welch['n_pil']} Pillow vs "
+            f"{welch['n_device']} device runs; the spread between classes counts as noise): "
+            f"t = {welch['t']:.2f}, {welch['df']:.1f} degrees of freedom, p = {welch['p']:.3f}.",
+        ]
+    return lines
+
+
 def compactness_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     """Mean cos(phi, c_hat) of the normal training images before and after fine-tuning."""
     if not records:
@@ -419,9 +604,11 @@ def markdown(
 ) -> str:
     """The whole report."""
     jax_runs = [r for r in records if r["implementation"] == "jax"]
-    rows, means = method_table(records, lr=lr)
-    pub_rows, pub_means = method_table(records, lr=published_lr)
-    pairs = agreement(records)
+    device = [r for r in records if augment_of(r) == "device"]
+    rows, means = method_table(device, lr=lr)
+    pub_rows, pub_means = method_table(device, lr=published_lr)
+    pairs = agreement(device)
+    views = pipeline_rows(records, lr=lr)
     lines = [
         "# CIFAR-10 (exact pixels), EfficientNet-Lite0 at 224 px: pretrained kNN vs MSC vs "
         "standard contrastive",
@@ -464,7 +651,18 @@ def markdown(
         "",
         "## Seeds (last epoch)",
         "",
-        *seed_lines(seed_pairs(records, lr=lr)),
+        *seed_lines(seed_pairs(device, lr=lr)),
+        "",
+        f"## Training views on the device vs with Pillow (MSC, learning rate {lr:g})",
+        "",
+        "MSC's gain (ROC-AUC after the last epoch minus epoch 0, the pretrained kNN) when the "
+        "MoCo-v2 views are made on the device (`augment='device'`, float, exact Gaussian blur) "
+        "and when they are made with Pillow as torchvision makes them (`augment='pil'`, 8 bits "
+        "after every operation, Pillow's blur); the runs `..._pil`. Everything else is the same: "
+        "schedule, images and batch order of a seed, evaluation transform. The views of a seed "
+        "are not the same in the two pipelines (different random draws).",
+        "",
+        *pipeline_lines(views, pipeline_summary(views)),
         "",
         "## JAX vs the PyTorch reference on the same views",
         "",
@@ -515,6 +713,7 @@ def readme_section(
 ) -> str:
     """The README's real-data section (between the markers, markers included)."""
     del published_lr  # the README shows the main rate only
+    records = [r for r in records if augment_of(r) == "device"]
     rows, means = method_table(records, lr=lr)
     pairs = agreement(records)
     pooled = pooled_agreement(pairs)

@@ -7,6 +7,7 @@ PyTorch reference).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -37,6 +38,58 @@ from msad_jax.train_step import (  # noqa: E402
 )
 
 LITE0_FROZEN = r"^_conv_stem/,^_bn0/,^_blocks/([0-9]|10)/"
+# The grid's runs as they were before the training-views comparison was appended (lr 3e-3).
+GRID_BEFORE_VIEWS = (
+    "lite0_c0_msc_lr3e-03_s0_jax",
+    "lite0_c0_contrastive_lr3e-03_s0_jax",
+    "lite0_c3_msc_lr3e-03_s0_jax",
+    "lite0_c3_contrastive_lr3e-03_s0_jax",
+    "lite0_c8_msc_lr3e-03_s0_jax",
+    "lite0_c8_contrastive_lr3e-03_s0_jax",
+    "lite0_c0_msc_lr3e-03_s0_torch",
+    "lite0_c0_contrastive_lr3e-03_s0_torch",
+    "lite0_c3_msc_lr3e-03_s0_torch",
+    "lite0_c3_contrastive_lr3e-03_s0_torch",
+    "lite0_c8_msc_lr3e-03_s0_torch",
+    "lite0_c8_contrastive_lr3e-03_s0_torch",
+    "lite0_c0_msc_lr1e-05_s0_jax",
+    "lite0_c0_contrastive_lr1e-05_s0_jax",
+    "lite0_c3_msc_lr1e-05_s0_jax",
+    "lite0_c3_contrastive_lr1e-05_s0_jax",
+    "lite0_c8_msc_lr1e-05_s0_jax",
+    "lite0_c8_contrastive_lr1e-05_s0_jax",
+    "lite0_c1_msc_lr3e-03_s0_jax",
+    "lite0_c1_contrastive_lr3e-03_s0_jax",
+    "lite0_c2_msc_lr3e-03_s0_jax",
+    "lite0_c2_contrastive_lr3e-03_s0_jax",
+    "lite0_c4_msc_lr3e-03_s0_jax",
+    "lite0_c4_contrastive_lr3e-03_s0_jax",
+    "lite0_c5_msc_lr3e-03_s0_jax",
+    "lite0_c5_contrastive_lr3e-03_s0_jax",
+    "lite0_c6_msc_lr3e-03_s0_jax",
+    "lite0_c6_contrastive_lr3e-03_s0_jax",
+    "lite0_c7_msc_lr3e-03_s0_jax",
+    "lite0_c7_contrastive_lr3e-03_s0_jax",
+    "lite0_c9_msc_lr3e-03_s0_jax",
+    "lite0_c9_contrastive_lr3e-03_s0_jax",
+    "lite0_c0_msc_lr3e-03_s1_jax",
+    "lite0_c0_contrastive_lr3e-03_s1_jax",
+    "lite0_c3_msc_lr3e-03_s1_jax",
+    "lite0_c3_contrastive_lr3e-03_s1_jax",
+    "lite0_c8_msc_lr3e-03_s1_jax",
+    "lite0_c8_contrastive_lr3e-03_s1_jax",
+)
+
+
+def _write_npz(subsets, path: pathlib.Path) -> pathlib.Path:
+    np.savez(
+        path,
+        train_x_first4000=subsets.train_images,
+        train_y_first4000=subsets.train_labels,
+        test_x_first1000=subsets.test_images,
+        test_y_first1000=subsets.test_labels,
+    )
+    return path
 
 
 def _subsets(train_per_class: int = 5, test_per_class: int = 2, seed: int = 0):
@@ -90,14 +143,7 @@ def test_png_zip_gives_the_exact_pixels_through_the_folder_loader(tmp_path):
 
 def test_load_subsets_rejects_a_different_file(tmp_path):
     subsets = _subsets()
-    path = tmp_path / "x.npz"
-    np.savez(
-        path,
-        train_x_first4000=subsets.train_images,
-        train_y_first4000=subsets.train_labels,
-        test_x_first1000=subsets.test_images,
-        test_y_first1000=subsets.test_labels,
-    )
+    path = _write_npz(subsets, tmp_path / "x.npz")
     with pytest.raises(SystemExit, match="not the documented"):
         exact_cifar.load_subsets(path)
     loaded = exact_cifar.load_subsets(path, check_hash=False)
@@ -182,14 +228,91 @@ def test_record_writer_skips_same_run_and_refuses_a_different_one(tmp_path):
 
 def test_grid_order_and_names():
     grid = cifar10_exact.build_grid(backbone="efficientnet_lite0", lr=1e-3, published_lr=1e-5)
-    assert len(grid) == 38 and len({s.name for s in grid}) == 38
+    assert len(grid) == 50 and len({s.name for s in grid}) == 50
     first = [(s.normal_class, s.method, s.implementation, s.learning_rate) for s in grid[:12]]
     assert first[:6] == [(c, m, "jax", 1e-3) for c in (0, 3, 8) for m in ("msc", "contrastive")]
     assert first[6:] == [(c, m, "torch", 1e-3) for c in (0, 3, 8) for m in ("msc", "contrastive")]
     assert [s.learning_rate for s in grid[12:18]] == [1e-5] * 6
     assert sorted({s.normal_class for s in grid[18:32]}) == [1, 2, 4, 5, 6, 7, 9]
-    assert [s.seed for s in grid[32:]] == [1] * 6
+    assert [s.seed for s in grid[32:38]] == [1] * 6
     assert grid[0].name == "lite0_c0_msc_lr1e-03_s0_jax"
+
+
+def test_views_comparison_is_appended_and_earlier_names_are_unchanged():
+    grid = cifar10_exact.build_grid(backbone="efficientnet_lite0", lr=3e-3, published_lr=1e-5)
+    assert tuple(s.name for s in grid[:38]) == GRID_BEFORE_VIEWS
+    assert all(s.augment == "device" for s in grid[:38])
+    spec = cifar10_exact.RunSpec
+    expected = [
+        spec("efficientnet_lite0", c, "msc", 3e-3, s, "jax", "pil")
+        for s in (0, 1)
+        for c in (0, 3, 8)
+    ]
+    expected += [
+        spec("efficientnet_lite0", c, "msc", 3e-3, 2, "jax", a)
+        for c in (0, 3, 8)
+        for a in ("device", "pil")
+    ]
+    assert grid[38:] == expected
+    assert grid[38].name == "lite0_c0_msc_lr3e-03_s0_jax_pil"
+    assert grid[44].name == "lite0_c0_msc_lr3e-03_s2_jax"
+    # Device runs of seeds 0 and 1 are the grid's own (not repeated): 9 + 9 runs in all.
+    views = [
+        s
+        for s in grid
+        if s.method == "msc"
+        and s.learning_rate == 3e-3
+        and s.implementation == "jax"
+        and s.normal_class in (0, 3, 8)
+    ]
+    assert sorted((s.augment, s.normal_class, s.seed) for s in views) == sorted(
+        (a, c, s) for a in ("device", "pil") for c in (0, 3, 8) for s in (0, 1, 2)
+    )
+    for s in grid:  # what a child process is started with gives back its run
+        assert cifar10_exact.find_run(grid, s.name) == s
+    with pytest.raises(SystemExit, match="no run 'lite0_c0_msc_lr3e-03_s0_jax_x'"):
+        cifar10_exact.find_run(grid, "lite0_c0_msc_lr3e-03_s0_jax_x")
+
+
+def test_views_setting_reaches_the_config_and_the_record_identity(tmp_path):
+    base = cifar10_exact.load_config(cifar10_exact.DEFAULT_CONFIG)
+    device = cifar10_exact.RunSpec("efficientnet_lite0", 3, "msc", 3e-3, 1, "jax")
+    pil = dataclasses.replace(device, augment="pil")
+    c_device = cifar10_exact.run_config(base, device, tmp_path / "d.zip")
+    c_pil = cifar10_exact.run_config(base, pil, tmp_path / "d.zip")
+    assert c_device.augment == "device" and c_pil.augment == "pil"
+    assert c_device.eval_resize == c_pil.eval_resize == base.eval_resize  # same evaluation
+    assert {k for k in c_pil if c_pil[k] != c_device[k]} == {"augment"}
+    ident_device = cifar10_exact.identity(device, c_device, "s")
+    ident_pil = cifar10_exact.identity(pil, c_pil, "s")
+    # Records made before the option have neither key: a device run still matches them.
+    assert "augment" not in ident_device and "eval_resize" not in ident_device
+    assert ident_pil == {**ident_device, "augment": "pil"}
+    path = tmp_path / "r.json"
+    before = {k: v for k, v in ident_device.items()}
+    run_records.write_record(path, {"spec": before, "auroc": [0.9]})
+    assert run_records.existing_record(path, ident_device)["auroc"] == [0.9]
+    with pytest.raises(run_records.RecordMismatchError, match="differs in augment"):
+        run_records.existing_record(path, ident_pil)
+    torch_pil = dataclasses.replace(pil, implementation="torch")
+    with pytest.raises(SystemExit, match="device views only"):
+        cifar10_exact.execute(
+            torch_pil, base, workdir=tmp_path, records=tmp_path, subsets=_subsets()
+        )
+
+
+def test_dry_run_lists_the_views_comparison_last(tmp_path, capsys):
+    data = _write_npz(_subsets(), tmp_path / "x.npz")
+    args = ["--data", str(data), "--skip_hash_check", "--dry_run"]
+    args += ["--results", str(tmp_path / "res"), "--workdir", str(tmp_path / "w")]
+    assert cifar10_exact.main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 50 and all(line.endswith(": to run") for line in lines)
+    assert lines[37].startswith("[38/50] lite0_c8_contrastive_lr3e-03_s1_jax:")
+    assert lines[38].startswith("[39/50] lite0_c0_msc_lr3e-03_s0_jax_pil:")
+    assert lines[-1].startswith("[50/50] lite0_c8_msc_lr3e-03_s2_jax_pil:")
+    with pytest.raises(SystemExit, match="leave augment"):
+        cifar10_exact.main([*args, "--set", "augment=pil"])
 
 
 def _base_config(**overrides):
@@ -309,9 +432,11 @@ def test_torch_freezing_matches_the_jax_frozen_parameters():
 # The report.
 
 
-def _fake_record(c, method, lr, seed, impl, curve):
-    name = f"lite0_c{c}_{method}_lr{lr:.0e}_s{seed}_{impl}"
+def _fake_record(c, method, lr, seed, impl, curve, augment=None):
+    name = f"lite0_c{c}_{method}_lr{lr:.0e}_s{seed}_{impl}" + ("_pil" if augment == "pil" else "")
+    extra = {} if augment is None else {"augment": augment}  # None: made before the option
     return {
+        **extra,
         "name": name,
         "implementation": impl,
         "backbone": "efficientnet_lite0",
@@ -400,6 +525,86 @@ def test_report_tables_match_numpy_on_the_records(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         report.main(["--results", str(tmp_path), "--readme", str(readme), "--lr", "1e-3"])
+
+
+def test_views_comparison_table_and_tests_match_scipy(tmp_path):
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    records, gains, pres, contrastive = [], {}, {}, {}
+    for c in (0, 3, 8):
+        pres[c] = pre = rng.uniform(0.85, 0.95)
+        contrastive[c] = pre + rng.normal(0, 0.01)
+        records.append(_fake_record(c, "contrastive", 3e-3, 0, "jax", [pre, contrastive[c]]))
+        for seed in (0, 1, 2):
+            for views in ("device", "pil"):
+                if (c, seed, views) == (8, 2, "pil"):
+                    continue  # not measured yet
+                gain = rng.normal(0.008 + 0.004 * (views == "pil") + 0.003 * c / 8, 0.002)
+                gains[(c, seed, views)] = gain
+                curve = [pre, pre + gain / 2, pre + gain]
+                old = views == "device" and seed < 2  # device records without the key
+                records.append(
+                    _fake_record(c, "msc", 3e-3, seed, "jax", curve, None if old else views)
+                )
+    # Pillow records of another method and rate are not part of the comparison.
+    records.append(_fake_record(0, "contrastive", 3e-3, 0, "jax", [0.9, 0.7, 0.5], "pil"))
+    records.append(_fake_record(0, "msc", 1e-5, 0, "jax", [0.9, 0.7, 0.5], "pil"))
+    for record in records:
+        run_records.write_record(tmp_path / "records" / f"{record['name']}.json", record)
+
+    rows = report.pipeline_rows(records, lr=3e-3)
+    assert len(rows) == 18 and sum("gain" in r for r in rows) == 17
+    summary = report.pipeline_summary(rows)
+    for views in ("device", "pil"):
+        g = [v for (c, s, a), v in gains.items() if a == views]
+        assert summary[views]["runs"] == len(g)
+        assert summary[views]["mean"] == pytest.approx(np.mean(g), abs=1e-12)
+        assert summary[views]["sd"] == pytest.approx(np.std(g, ddof=1), abs=1e-12)
+    keys = [(c, s) for c in (0, 3, 8) for s in (0, 1, 2) if (c, s) != (8, 2)]
+    pil = [gains[(c, s, "pil")] for c, s in keys]
+    dev = [gains[(c, s, "device")] for c, s in keys]
+    paired, expected = summary["paired"], stats.ttest_rel(pil, dev)
+    assert paired["n"] == 8 and paired["df"] == 7
+    assert paired["mean"] == pytest.approx(np.mean(np.subtract(pil, dev)), abs=1e-12)
+    assert paired["se"] == pytest.approx(stats.sem(np.subtract(pil, dev)), rel=1e-9)
+    assert paired["t"] == pytest.approx(expected.statistic, rel=1e-9)
+    assert paired["p"] == pytest.approx(expected.pvalue, rel=1e-9)
+    assert paired["beyond_noise"] == (expected.pvalue < 0.05)
+    assert paired["epoch0_max_abs"] == 0.0
+    all_pil = [v for (c, s, a), v in gains.items() if a == "pil"]
+    all_dev = [v for (c, s, a), v in gains.items() if a == "device"]
+    welch, expected = summary["welch"], stats.ttest_ind(all_pil, all_dev, equal_var=False)
+    assert welch["t"] == pytest.approx(expected.statistic, rel=1e-9)
+    assert welch["p"] == pytest.approx(expected.pvalue, rel=1e-9)
+    assert welch["df"] == pytest.approx(expected.df, rel=1e-9)
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\n")
+    report.main(["--results", str(tmp_path), "--readme", str(readme), "--lr", "3e-3"])
+    text = (tmp_path.parent / f"{tmp_path.name}.md").read_text()
+    section = text.split("## Training views on the device vs with Pillow", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    assert "| 8 ship | 2 | Pillow | not measured yet | | |" in section
+    row = next(line for line in section.splitlines() if line.startswith("| 3 cat | 1 | Pillow |"))
+    assert row.endswith(f"| {100 * gains[(3, 1, 'pil')]:+.2f} |")
+    assert f"| Pillow | 8 of 9 | {100 * np.mean(all_pil):+.2f} | " in section
+    assert f"p = {summary['paired']['p']:.3f}" in section
+    verdict = "beyond" if summary["paired"]["beyond_noise"] else "within"
+    assert f"**{verdict} the seed noise**" in section and "provisional" in section
+    # The other tables and the README use the device runs only.
+    pre = np.mean(list(pres.values()))
+    msc = np.mean([pres[c] + gains[(c, 0, "device")] for c in (0, 3, 8)])
+    con = np.mean(list(contrastive.values()))
+    expected_row = [100 * pre, 100 * msc, 100 * con, 100 * (msc - pre), 100 * (con - pre)]
+    np.testing.assert_allclose(
+        _mean_row(text, "learning rate 0.003, seed 0"), expected_row, atol=0.006
+    )
+    np.testing.assert_allclose(
+        _mean_row(readme.read_text(), report.BEGIN), expected_row, atol=0.006
+    )
+    seeds = text.split("## Seeds (last epoch)", 1)[1].split("\n## ", 1)[0]
+    assert seeds.count("| 0 airplane | MSC |") == 2  # seeds 1 and 2 of the device runs
 
 
 def test_epoch0_class_metrics_match_numpy_knn_and_sklearn():
