@@ -356,8 +356,9 @@ def _table_lines(rows, means, *, with_epochs: bool = True) -> list[str]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if means["classes"]:
+        counted = f"{means['classes']} class" + ("" if means["classes"] == 1 else "es")
         lines.append(
-            f"| **mean** ({means['classes']} classes) | | **{pct(means['pretrained'])}** | "
+            f"| **mean** ({counted}) | | **{pct(means['pretrained'])}** | "
             f"**{pct(means['msc'])}** | **{pct(means['contrastive'])}** | "
             f"**{points(means['msc'] - means['pretrained'])}** | "
             f"**{points(means['contrastive'] - means['pretrained'])}** |"
