@@ -28,7 +28,9 @@ Choices (the reasons and the measurements behind them: ``benchmarks/results/cifa
   published 1e-5 x 1580 steps;
 - evaluation after every epoch (logged, never used to select an epoch).
 
-Expected: the measured per-class tables in ``benchmarks/results/cifar10_exact.md``.
+Results: measured with this config by ``benchmarks/cifar10_exact.py`` on a 2-core CPU, per class
+and per epoch in ``benchmarks/results/cifar10_exact.md`` (class 0: pretrained kNN 94.10%, MSC
+94.90% after 6 epochs, standard contrastive 87.68%).
 """
 
 from msad_jax.config import default_config

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from msad_jax.losses import LOSSES, align_uniform_terms, l2_normalize
+from msad_jax.models import cpu_lowering
 from msad_jax.optimizer import combine, make_optimizer, partition
 
 PyTree = Any
@@ -396,7 +397,10 @@ def radial_drift(
         feats = backbone_features(model, {**variables, "params": params}, images)
         return compactness(feats, center)
 
-    return jax.jvp(compactness_of, (variables["params"],), (direction,))
+    # Forward mode through the backbone: XLA's own convolutions, as the CPU lowering's custom
+    # gradients are reverse-mode only.
+    with cpu_lowering.xla_lowering():
+        return jax.jvp(compactness_of, (variables["params"],), (direction,))
 
 
 if __name__ == "__main__":
