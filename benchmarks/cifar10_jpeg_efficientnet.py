@@ -44,7 +44,6 @@ import logging
 import os
 import pathlib
 import sys
-import threading
 import time
 from typing import Any
 
@@ -54,6 +53,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import records  # noqa: E402 -- the benchmarks folder is not a package.
+import run_records  # noqa: E402
 
 REPO = records.REPO
 DEFAULT_CONFIG = REPO / "configs" / "cifar10_jpeg_efficientnet_lite0.py"
@@ -113,42 +113,6 @@ def parse_classes(text: str, count: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Machine load.
-
-
-class LoadSampler:
-    """Samples the 1-minute load average every ``period`` seconds in a daemon thread."""
-
-    def __init__(self, period: float = 15.0):
-        self.samples: list[tuple[float, float]] = []
-        self._period = period
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.time(), os.getloadavg()[0]))
-            self._stop.wait(self._period)
-
-    def start(self) -> LoadSampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def between(self, start: float, end: float) -> dict[str, float]:
-        """Mean/min/max of the samples taken in ``[start, end]`` (or the last one)."""
-        values = [v for t, v in self.samples if start <= t <= end] or [os.getloadavg()[0]]
-        return {
-            "mean": float(np.mean(values)),
-            "min": float(np.min(values)),
-            "max": float(np.max(values)),
-            "samples": len(values),
-        }
-
-
-# --------------------------------------------------------------------------------------------
 # One run.
 
 
@@ -181,7 +145,7 @@ def compactness(directory: pathlib.Path) -> dict[str, float]:
 
 
 def run_one(
-    config: ml_collections.ConfigDict, directory: pathlib.Path, sampler: LoadSampler
+    config: ml_collections.ConfigDict, directory: pathlib.Path, sampler: run_records.LoadSampler
 ) -> dict[str, Any]:
     """Trains and evaluates one (class, method) unless it is done; returns its summary."""
     from msad_jax.train import train_and_evaluate
@@ -433,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_sha256 = sha256(args.data)
     print(f"{command}\n{len(grid)} runs: classes {classes}, methods {methods}", flush=True)
 
-    sampler = LoadSampler().start()
+    sampler = run_records.LoadSampler().start()
     start = time.time()
     summaries: dict[tuple[int, str], dict[str, Any]] = {}
     fresh_seconds: list[float] = []
