@@ -194,23 +194,11 @@ def load_config(path: pathlib.Path):
 
 
 def apply_overrides(config, overrides: Sequence[str]) -> None:
-    """Applies ``key=value`` strings, converting each value to the type of the key's default."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or key not in config:
-            raise SystemExit(f"error: --set {item!r}: use key=value with a key of msad_jax.config.")
-        current = config[key]
-        if isinstance(current, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"error: --set {item!r}: {key} takes true or false.")
-            value: Any = text.lower() in ("true", "1")
-        elif isinstance(current, int):
-            value = int(text)
-        elif isinstance(current, float):
-            value = float(text)
-        else:
-            value = text
-        config[key] = value
+    """:func:`run_records.apply_overrides`, its errors as one ``error:`` line."""
+    try:
+        run_records.apply_overrides(config, overrides)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def run_config(base, spec: RunSpec, data_zip: pathlib.Path):

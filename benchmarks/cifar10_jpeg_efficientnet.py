@@ -78,26 +78,6 @@ def load_config(path: pathlib.Path) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
-    """Applies ``key=value`` strings, converting each value to the type of the key's default."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or key not in config:
-            raise ValueError(f"--set {item!r}: use key=value with a key of msad_jax.config.")
-        current = config[key]
-        if isinstance(current, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--set {item!r}: {key} takes true or false.")
-            value: Any = text.lower() in ("true", "1")
-        elif isinstance(current, int):
-            value = int(text)
-        elif isinstance(current, float):
-            value = float(text)
-        else:
-            value = text
-        config[key] = value
-
-
 def parse_classes(text: str, count: int) -> list[int]:
     """``'all'``, ``'0-9'`` or ``'0,3,5'`` -> class indices."""
     if text == "all":
@@ -381,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base.dataset = "folder"
     base.data_dir = str(args.data.resolve())
     base.progress = False
-    apply_overrides(base, args.set)
+    run_records.apply_overrides(base, args.set)
     validate_config(base)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import platform
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,3 +174,27 @@ def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> pathlib.
     partial.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> None:
+    """Applies ``key=value`` strings, converting each value to the type of the key's default.
+
+    Raises:
+      ValueError: an item that is not ``key=value`` with a known key, or a bad boolean.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in config:
+            raise ValueError(f"--set {item!r}: use key=value with a key of msad_jax.config.")
+        current = config[key]
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--set {item!r}: {key} takes true or false.")
+            value: Any = text.lower() in ("true", "1")
+        elif isinstance(current, int):
+            value = int(text)
+        elif isinstance(current, float):
+            value = float(text)
+        else:
+            value = text
+        config[key] = value
